@@ -1,0 +1,112 @@
+"""From a run config to a training DataLoader: per-sample transforms for the method's views,
+tokenisation, collation, and the data position a checkpoint stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from clipkit.config import ConfigError, DataConfig
+from clipkit.data.shards import StreamSpec, batches_per_worker, make_loader
+from clipkit.data.sources import expand_sources, preflight, read_sizes
+from clipkit.distributed import DistInfo
+from clipkit.methods.base import ViewSpec
+
+
+class SampleTransform:
+    """(PIL image, caption) -> per-sample dict for the method's views (picklable for workers)."""
+
+    def __init__(self, arch: dict, views: ViewSpec):
+        from clipkit.models import factory
+
+        self.views = views
+        if views.online_views == 0:
+            self.image = factory.transforms(arch, is_train=True)
+        else:
+            from clipkit.data.views import MultiViewTransform
+
+            pp = factory.preprocess_cfg(arch)
+            self.image = MultiViewTransform(
+                image_size=pp["size"], num_views=views.online_views,
+                teacher_size=views.teacher_size, mean=pp["mean"], std=pp["std"],
+            )
+
+    def __call__(self, image, caption: str) -> dict:
+        out = {"caption": caption}
+        if self.views.online_views == 0:
+            out["image"] = self.image(image)
+        else:
+            out.update(self.image(image))
+        return out
+
+
+class Collate:
+    """Stack samples into the batch contract of DESIGN.md, tokenising the captions at once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch: dict = {
+            "text": self.tokenizer([s["caption"] for s in samples]),  # (B, L)
+            "key": [s["key"] for s in samples],
+        }
+        for name in ("image", "teacher_image", "boxes"):
+            if name in samples[0]:
+                batch[name] = torch.stack([s[name] for s in samples])
+        if "views" in samples[0]:
+            batch["views"] = torch.stack([s["views"] for s in samples], dim=1)  # (V, B, 3, H, W)
+        return batch
+
+
+@dataclass
+class DataPosition:
+    """Where every worker of this rank stands; enough to resume the stream exactly."""
+
+    workers: dict[int, list[int]] = field(default_factory=dict)  # logical id -> [epoch, taken, done]
+    batches: int = 0  # batches this rank consumed
+
+    def update(self, batch: dict) -> None:
+        logical, epoch, taken, done = (int(x) for x in batch["_pos"])
+        self.workers[logical] = [epoch, taken, done]
+        self.batches += 1
+
+    def state(self) -> dict:
+        return {"workers": {str(k): v for k, v in self.workers.items()}, "batches": self.batches}
+
+    @classmethod
+    def from_state(cls, state: dict) -> DataPosition:
+        return cls({int(k): list(v) for k, v in state["workers"].items()}, int(state["batches"]))
+
+
+@dataclass
+class LoaderInfo:
+    urls: list[str]
+    num_samples: int  # samples per epoch (all ranks)
+    batches_per_epoch: int  # per rank
+
+
+def build_loader(cfg: DataConfig, arch: dict, views: ViewSpec, tokenizer, dist: DistInfo,
+                 seed: int, position: DataPosition | None = None, pin_memory: bool = False):
+    """Validate the data (pre-flight) and build the infinite training loader for this rank."""
+    urls = expand_sources(cfg.data)
+    preflight(urls, ranks=dist.world_size, workers=cfg.workers, resampled=cfg.resampled)
+    num_samples = cfg.train_num_samples or read_sizes(urls)
+    if not num_samples:
+        raise ConfigError(
+            "dataset size unknown: pass --train-num-samples N or put a sizes.json next to the "
+            "shards (`clipkit data check SHARDS` writes one)"
+        )
+    workers = max(cfg.workers, 1)
+    per_worker = batches_per_worker(num_samples, cfg.batch_size, dist.world_size, workers)
+    position = position or DataPosition()
+    spec = StreamSpec(
+        urls=urls, batch_size=cfg.batch_size, batches_per_worker=per_worker, seed=seed,
+        rank=dist.rank, world_size=dist.world_size, num_workers=cfg.workers,
+        resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, image_key=cfg.image_key,
+        text_key=cfg.text_key, max_pixels=cfg.max_pixels, start=dict(position.workers),
+        worker_offset=position.batches % workers,
+    )
+    loader = make_loader(spec, SampleTransform(arch, views), Collate(tokenizer), pin_memory)
+    return loader, LoaderInfo(urls, num_samples, per_worker * workers)

@@ -1,0 +1,259 @@
+"""Build models from a name: a clipkit preset, an open_clip model name, an open_clip-style JSON
+file, or `local-dir:DIR` (an open_clip export). The resolved architecture is stored in the run
+config and in every checkpoint, so a checkpoint rebuilds its model with no other input.
+
+Families: `open_clip` (separate encoders, built with open_clip's own classes so weights export
+back to open_clip) and `msclip` (clipkit.models.msclip). The family is declared by the preset or
+the JSON (`"family": "msclip"`), never guessed from the name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipkit.config import ConfigError, ModelConfig
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _tiny(image: int, patch: int, width: int, layers: int, context: int, embed: int) -> dict:
+    heads = max(1, width // 32)
+    return {
+        "embed_dim": embed,
+        "vision_cfg": {"image_size": image, "patch_size": patch, "width": width, "layers": layers,
+                       "head_width": width // heads},
+        "text_cfg": {"context_length": context, "vocab_size": 49408, "width": width,
+                     "heads": heads, "layers": layers},
+    }
+
+
+# clipkit's own open_clip-family presets: CPU-sized ones for tests, the demo and benchmarks.
+PRESETS: dict[str, dict] = {
+    "test": _tiny(image=32, patch=8, width=32, layers=2, context=16, embed=32),
+    # The issue's reference architecture (image 32, patch 4, width 128, 4+4 layers, ctx 32).
+    "tiny": _tiny(image=32, patch=4, width=128, layers=4, context=32, embed=128),
+    "tiny-64": _tiny(image=64, patch=8, width=128, layers=4, context=32, embed=128),
+    "small-64": _tiny(image=64, patch=8, width=256, layers=6, context=32, embed=256),
+    # ViT-S/16 image tower with a 384-wide text tower: the CPU hardware-use benchmark's model.
+    "vit-s-16": {
+        "embed_dim": 384,
+        "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 384, "layers": 12,
+                       "head_width": 64},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 384, "heads": 6,
+                     "layers": 12},
+    },
+}
+
+
+def _msclip_presets() -> dict[str, dict]:
+    import importlib.util
+
+    if importlib.util.find_spec("clipkit.models.msclip") is None:
+        return {}
+    from clipkit.models import msclip
+
+    return {name: cfg.to_dict() for name, cfg in msclip.PRESETS.items()}
+
+
+def list_models() -> dict[str, list[str]]:
+    """Known names by source: clipkit presets (open_clip and MS-CLIP families) and open_clip's."""
+    import open_clip
+
+    return {
+        "clipkit": sorted(PRESETS),
+        "msclip": sorted(_msclip_presets()),
+        "open_clip": open_clip.list_models(),
+    }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model config {path} is not readable JSON ({e})") from None
+    return data
+
+
+def _arch_from_json(data: dict, source: str) -> dict:
+    family = data.get("family", "open_clip")
+    if family == "msclip":
+        return {"family": "msclip", "config": data.get("config", data)}
+    model_cfg = data.get("model_cfg", data)
+    if "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
+        raise ConfigError(f"{source}: an open_clip model config needs 'vision_cfg' and 'text_cfg'")
+    return {"family": "open_clip", "model_cfg": model_cfg,
+            "preprocess_cfg": data.get("preprocess_cfg", {})}
+
+
+def resolve_arch(cfg: ModelConfig) -> dict:
+    """The full architecture for `cfg.name` with image-size / context-length overrides applied."""
+    name = cfg.name
+    msclip = _msclip_presets()
+    if name in PRESETS:
+        arch = {"family": "open_clip", "model_cfg": copy.deepcopy(PRESETS[name]), "preprocess_cfg": {}}
+    elif name in msclip:
+        arch = {"family": "msclip", "config": msclip[name]}
+    elif name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        cfg_file = folder / "open_clip_config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{name}: no open_clip_config.json in {folder}")
+        arch = _arch_from_json(_read_json(cfg_file), name)
+    elif name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"model config file not found: {path}")
+        arch = _arch_from_json(_read_json(path), name)
+    else:
+        import open_clip
+
+        oc = open_clip.get_model_config(name.replace("/", "-"))
+        if oc is None:
+            known = ", ".join(sorted(PRESETS) + sorted(msclip))
+            raise ConfigError(
+                f"unknown model '{name}'. clipkit presets: {known}; open_clip names: see "
+                "`clipkit models`; or pass a JSON config file"
+            )
+        arch = {"family": "open_clip", "model_cfg": copy.deepcopy(oc), "preprocess_cfg": {}}
+    _apply_overrides(arch, cfg)
+    return arch
+
+
+def _apply_overrides(arch: dict, cfg: ModelConfig) -> None:
+    if arch["family"] == "msclip":
+        if cfg.image_size:
+            arch["config"]["image_size"] = cfg.image_size
+        if cfg.context_length:
+            arch["config"]["context_length"] = cfg.context_length
+        return
+    if cfg.image_size:
+        arch["model_cfg"]["vision_cfg"]["image_size"] = cfg.image_size
+    if cfg.context_length:
+        arch["model_cfg"]["text_cfg"]["context_length"] = cfg.context_length
+
+
+def build_from_arch(arch: dict) -> nn.Module:
+    """Instantiate a model (random weights) from a resolved architecture dict."""
+    if arch["family"] == "msclip":
+        from clipkit.models.msclip import MSCLIP, MSCLIPConfig
+
+        return MSCLIP(MSCLIPConfig.from_dict(arch["config"]))
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    model_cfg = copy.deepcopy(arch["model_cfg"])
+    custom = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg["text_cfg"]
+    if "hf_model_name" in model_cfg["text_cfg"]:
+        model_cfg["text_cfg"]["hf_model_pretrained"] = False
+    if "timm_model_name" in model_cfg["vision_cfg"]:
+        model_cfg["vision_cfg"]["timm_model_pretrained"] = False
+    cls = CustomTextCLIP if custom else CLIP
+    return cls(**model_cfg, output_dict=True)
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    """Build the model for a run; fills `cfg.arch` so it is saved with the run."""
+    arch = cfg.arch or resolve_arch(cfg)
+    cfg.arch = arch
+    model = build_from_arch(arch)
+    pretrained = cfg.pretrained
+    if pretrained is None and cfg.name.startswith("local-dir:"):
+        pretrained = _local_dir_weights(Path(cfg.name[len("local-dir:"):]))
+    if pretrained:
+        load_pretrained(model, pretrained)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _local_dir_weights(folder: Path) -> str | None:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.pth"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return None
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load local open_clip weights (a state_dict file, .pt/.bin/.safetensors) into `model`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"pretrained weights file not found: {p}")
+    from open_clip.factory import load_checkpoint
+
+    try:
+        load_checkpoint(model, str(p), strict=True, weights_only=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"weights in {p} do not fit this model: {first}") from None
+
+
+def image_size(arch: dict) -> int:
+    if arch["family"] == "msclip":
+        return int(arch["config"]["image_size"])
+    size = arch["model_cfg"]["vision_cfg"].get("image_size", 224)
+    return int(size if isinstance(size, int) else size[0])
+
+
+def context_length(arch: dict) -> int:
+    if arch["family"] == "msclip":
+        return int(arch["config"]["context_length"])
+    return int(arch["model_cfg"]["text_cfg"].get("context_length", 77))
+
+
+def preprocess_cfg(arch: dict) -> dict:
+    """open_clip's PreprocessCfg fields for this model (size, mean, std, interpolation...)."""
+    pp = {"size": image_size(arch), "mean": OPENAI_MEAN, "std": OPENAI_STD,
+          "interpolation": "bicubic", "resize_mode": "shortest"}
+    pp.update(arch.get("preprocess_cfg", {}) or {})
+    pp["size"] = image_size(arch)
+    return pp
+
+
+def transforms(arch: dict, is_train: bool):
+    """open_clip's image preprocessing for this model (train: RandomResizedCrop; eval: resize+crop)."""
+    from open_clip.transform import image_transform
+
+    pp = preprocess_cfg(arch)
+    return image_transform(
+        pp["size"], is_train=is_train, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+        interpolation=pp.get("interpolation"), resize_mode=pp.get("resize_mode"),
+    )
+
+
+def tokenizer(arch: dict):
+    """open_clip's tokenizer for this model's context length (HF tokenizer for HF text towers)."""
+    import open_clip
+
+    text_cfg = arch.get("model_cfg", {}).get("text_cfg", {})
+    if "hf_tokenizer_name" in text_cfg:
+        from open_clip.tokenizer import HFTokenizer
+
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length(arch))
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length(arch))
+
+
+def describe(cfg: ModelConfig) -> str:
+    """Architecture summary with parameter counts per top-level module, without real weights."""
+    arch = resolve_arch(cfg)
+    with torch.device("meta"):
+        model = build_from_arch(arch)
+    lines = [f"model: {cfg.name}  (family: {arch['family']})"]
+    total = 0
+    for child_name, child in model.named_children():
+        n = sum(p.numel() for p in child.parameters())
+        total += n
+        lines.append(f"  {child_name:<24} {n:>14,d} params  ({type(child).__name__})")
+    own = sum(p.numel() for p in model.parameters(recurse=False))
+    if own:
+        lines.append(f"  {'(top-level params)':<24} {own:>14,d} params")
+    total = sum(p.numel() for p in model.parameters())
+    lines.append(f"  {'total':<24} {total:>14,d} params")
+    lines.append(f"  image size {image_size(arch)}, context length {context_length(arch)}")
+    body = arch.get("model_cfg") or arch.get("config")
+    lines.append("  config: " + json.dumps(body, sort_keys=True))
+    return "\n".join(lines)

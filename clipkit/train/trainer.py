@@ -1,0 +1,277 @@
+"""The one generic training loop. It knows the Method interface and nothing about any method:
+`loss, parts = method(batch)`; backward; clip; optimizer step; `method.after_step`. Read it top to
+bottom: `fit` -> `_train_step` -> `_log` / `save`."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipkit import checkpoint
+from clipkit.config import Config
+from clipkit.data.pipeline import DataPosition
+from clipkit.distributed import DistInfo
+from clipkit.train.logging import RunLog, log, plot_curves
+from clipkit.train.optim import lr_at, set_lr
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too much bad data, repeated non-finite loss); a clear message."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # over all ranks
+    position: DataPosition = field(default_factory=DataPosition)
+    bad: Counter = field(default_factory=Counter)  # bad samples by reason (this rank)
+    bad_shards: Counter = field(default_factory=Counter)
+    nonfinite_steps: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, method: nn.Module, optimizer: torch.optim.Optimizer,
+                 loader, total_steps: int, dist: DistInfo, device: torch.device,
+                 run_dir: Path, state: TrainState):
+        self.cfg, self.method, self.optimizer = cfg, method, optimizer
+        self.loader, self.total_steps, self.dist = loader, total_steps, dist
+        self.device, self.run_dir, self.state = device, run_dir, state
+        self.engine = self._wrap_ddp(method)
+        self.runlog = RunLog(run_dir, dist.is_main)
+        self.stop_requested: str | None = None
+        self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _wrap_ddp(self, method: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return method
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(method, device_ids=ids,
+                   find_unused_parameters=getattr(method, "has_unused_parameters", False))
+
+    def _autocast(self):
+        precision = self.cfg.run.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = signal.Signals(signum).name
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        batches = iter(self.loader)
+        progress = self._progress()
+        window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+        try:
+            while self.state.step < self.total_steps:
+                parts, wait = self._train_step(batches)
+                window["wait"] += wait
+                window["samples"] += self.global_batch
+                if self.state.step % self.cfg.run.log_every == 0 or self.state.step == self.total_steps:
+                    self._log(parts, window, progress)
+                    window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+                if self.state.step % self.cfg.run.save_every == 0 and self.state.step < self.total_steps:
+                    self.save()
+                if self._agree_to_stop():
+                    self.save()
+                    return {"stopped_by": self.stop_requested, **self._summary()}
+            self.save()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            if progress is not None:
+                progress.close()
+            self.runlog.close()
+        if self.dist.is_main:
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        return self._summary()
+
+    def _train_step(self, batches) -> tuple[dict, float]:
+        cfg, state = self.cfg, self.state
+        set_lr(self.optimizer, lr_at(state.step, self.total_steps, cfg.optim))
+        wait, parts_sum = 0.0, {}
+        accum = cfg.optim.accum_steps
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            self._account_data(batch)
+            batch = self._to_device(batch)
+            sync = micro == accum - 1 or not self.dist.enabled
+            with (nullcontext() if sync else self.engine.no_sync()), self._autocast():
+                loss, parts = self.engine(batch)
+            (loss / accum).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / accum
+        if not self._finite(parts_sum["loss"]):
+            return parts_sum, wait
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.samples_seen += self.global_batch
+        self.method.after_step(state.step, self.total_steps)
+        self._clamp_logit_scale()
+        return parts_sum, wait
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Skip the update on a non-finite loss; stop after several in a row."""
+        if bool(torch.isfinite(loss)):
+            self.state.nonfinite_steps = 0
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.nonfinite_steps += 1
+        log.warning("non-finite loss at step %d: update skipped", self.state.step)
+        if self.state.nonfinite_steps >= 5:
+            raise TrainingError(
+                f"loss was non-finite for {self.state.nonfinite_steps} steps in a row at step "
+                f"{self.state.step}; lower --lr or check the data (last checkpoint is intact)"
+            )
+        return False
+
+    @torch.no_grad()
+    def _clamp_logit_scale(self) -> None:
+        scale = getattr(self.method.model, "logit_scale", None)
+        if isinstance(scale, torch.Tensor):
+            scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def _to_device(self, batch: dict) -> dict:
+        nb = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items() if not k.startswith("_")}
+
+    def _account_data(self, batch: dict) -> None:
+        self.state.position.update(batch)
+        self.state.bad.update(batch.get("_bad", {}))
+        self.state.bad_shards.update(batch.get("_bad_shards", {}))
+
+    # -- logging, stopping ---------------------------------------------------------------------
+    def _progress(self):
+        if not self.dist.is_main:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state.step, desc="pretrain",
+                    unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def _log(self, parts: dict, window: dict, progress) -> None:
+        from clipkit.distributed import all_reduce_mean
+
+        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+        values = {k: float(all_reduce_mean(v.detach())) for k, v in parts.items()}
+        bad_total, seen = self._bad_counts()
+        record = {
+            "step": self.state.step, "samples_seen": self.state.samples_seen,
+            **values, "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0),
+            "samples_per_s": window["samples"] / elapsed,
+            "data_wait_frac": min(1.0, window["wait"] / elapsed),
+            "bad_samples": bad_total, "bad_by_reason": dict(self.state.bad),
+        }
+        self.runlog.write(record)
+        if progress is not None:
+            progress.n = self.state.step
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 sps=f"{record['samples_per_s']:.0f}",
+                                 wait=f"{record['data_wait_frac']:.0%}", refresh=False)
+            progress.refresh()
+        self._check_bad_fraction(bad_total, seen)
+
+    def _bad_counts(self) -> tuple[int, int]:
+        """(bad, bad + good) over all ranks."""
+        from clipkit.distributed import all_reduce_mean
+
+        bad = sum(self.state.bad.values())
+        good = self.state.position.batches * self.cfg.data.batch_size
+        t = torch.tensor([bad, bad + good], dtype=torch.float64)
+        t = all_reduce_mean(t) * self.dist.world_size
+        return int(t[0]), int(t[1])
+
+    def _check_bad_fraction(self, bad: int, seen: int) -> None:
+        limit = self.cfg.data.max_bad_fraction
+        if seen >= 100 and bad / seen > limit:
+            worst = ", ".join(f"{Path(s).name} ({n})" for s, n in self.state.bad_shards.most_common(3))
+            raise TrainingError(
+                f"{bad} of {seen} samples were unusable ({bad / seen:.1%} > --max-bad-fraction "
+                f"{limit:.1%}); reasons {dict(self.state.bad)}; worst shards: {worst}"
+            )
+
+    def _agree_to_stop(self) -> bool:
+        """A signal on any rank stops every rank at the same step."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        if flag.item() and not self.stop_requested:
+            self.stop_requested = "peer"
+        return bool(flag.item())
+
+    def _summary(self) -> dict:
+        return {"step": self.state.step, "samples_seen": self.state.samples_seen,
+                "bad_samples": dict(self.state.bad)}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        positions = self._gather_positions()
+        if not self.dist.is_main:
+            return None
+        self._check_weights_finite()
+        state = {
+            "config": self.cfg.to_dict(),
+            "model": self.method.model.state_dict(),
+            "method_state": self.method.extra_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            "data_position": positions,
+            "world_size": self.dist.world_size,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        ckpt_dir = self.run_dir / "checkpoints"
+        step_path = ckpt_dir / f"step-{self.state.step}.pt"
+        checkpoint.save(state, step_path)
+        checkpoint.save(state, ckpt_dir / "latest.pt")
+        self._prune(ckpt_dir)
+        return step_path
+
+    def _gather_positions(self) -> list[dict]:
+        mine = self.state.position.state()
+        if not self.dist.enabled:
+            return [mine]
+        import torch.distributed as tdist
+
+        out: list = [None] * self.dist.world_size
+        tdist.all_gather_object(out, mine)
+        return out
+
+    def _check_weights_finite(self) -> None:
+        for name, p in self.method.named_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingError(f"parameter {name} is non-finite at step {self.state.step}; "
+                                    "not saving it (the previous checkpoint is intact)")
+
+    def _prune(self, ckpt_dir: Path) -> None:
+        keep = self.cfg.run.keep_last
+        if not keep:
+            return
+        steps = sorted(ckpt_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        for old in steps[:-keep]:
+            old.unlink(missing_ok=True)
