@@ -67,8 +67,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
             "only clipkit checkpoints (tensors and plain data) are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{p} is truncated or corrupt ({type(e).__name__}); "
-                              "use an earlier checkpoint") from None
+        raise CheckpointError(
+            f"{p} is truncated or corrupt ({type(e).__name__}); use an earlier checkpoint"
+        ) from None
     if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
         raise CheckpointError(f"{p} is not a clipkit checkpoint (no format version / config)")
     if state["format_version"] > FORMAT_VERSION:

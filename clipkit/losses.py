@@ -26,7 +26,9 @@ def clip_loss(
     logits_per_text = logit_scale * text_features @ all_image.T
     batch = image_features.shape[0]
     labels = torch.arange(batch, device=image_features.device) + rank * batch
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
 
 
 def nt_xent(

@@ -11,3 +11,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small built-in demo dataset, written once per test worker."""
+    from clipkit.data.demo import write_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo(
+        root,
+        seed=0,
+        train_samples=512,
+        eval_samples=64,
+        probe_train_samples=96,
+        image_size=32,
+        shard_size=128,
+    )
+    return root

@@ -16,10 +16,18 @@ def data():
 @click.option("--out", required=True, type=str, help="Folder to write (train/, eval/, zeroshot/).")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--train-samples", default=5000, show_default=True, help="Training pairs.")
-@click.option("--eval-samples", default=500, show_default=True,
-              help="Held-out pairs (attribute combinations never seen in training).")
-@click.option("--probe-train-samples", default=1000, show_default=True,
-              help="Labelled training images of the zero-shot/probe sets.")
+@click.option(
+    "--eval-samples",
+    default=500,
+    show_default=True,
+    help="Held-out pairs (attribute combinations never seen in training).",
+)
+@click.option(
+    "--probe-train-samples",
+    default=1000,
+    show_default=True,
+    help="Labelled training images of the zero-shot/probe sets.",
+)
 @click.option("--image-size", default=64, show_default=True, help="Image side in pixels.")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size):
@@ -28,8 +36,14 @@ def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size
     from clipkit.data.demo import write_demo
 
     summary = run_guarded(
-        write_demo, out, seed=seed, train_samples=train_samples, eval_samples=eval_samples,
-        probe_train_samples=probe_train_samples, image_size=image_size, shard_size=shard_size,
+        write_demo,
+        out,
+        seed=seed,
+        train_samples=train_samples,
+        eval_samples=eval_samples,
+        probe_train_samples=probe_train_samples,
+        image_size=image_size,
+        shard_size=shard_size,
     )
     click.echo(f"demo data written to {out}")
     for key, value in summary.items():

@@ -13,11 +13,27 @@ import click
 
 # name -> (module, function, one-line help)
 COMMANDS = {
-    "pretrain": ("clipkit.cli.pretrain", "pretrain", "Train CLIP / MS-CLIP / A-CLIP / FLIP on WebDataset shards."),
-    "zero-shot": ("clipkit.cli.evaluate", "zero_shot", "Zero-shot classification (ImageNet, folders, CLIP_benchmark WDS, demo)."),
-    "retrieve": ("clipkit.cli.evaluate", "retrieve", "FAISS index: build, search, evaluate retrieval."),
+    "pretrain": (
+        "clipkit.cli.pretrain",
+        "pretrain",
+        "Train CLIP / MS-CLIP / A-CLIP / FLIP on WebDataset shards.",
+    ),
+    "zero-shot": (
+        "clipkit.cli.evaluate",
+        "zero_shot",
+        "Zero-shot classification (ImageNet, folders, CLIP_benchmark WDS, demo).",
+    ),
+    "retrieve": (
+        "clipkit.cli.evaluate",
+        "retrieve",
+        "FAISS index: build, search, evaluate retrieval.",
+    ),
     "probe": ("clipkit.cli.evaluate", "probe", "Linear probe on frozen image features."),
-    "export": ("clipkit.cli.evaluate", "export", "Export a checkpoint to an open_clip local-dir folder."),
+    "export": (
+        "clipkit.cli.evaluate",
+        "export",
+        "Export a checkpoint to an open_clip local-dir folder.",
+    ),
     "data": ("clipkit.cli.data", "data", "Datasets: write the built-in demo data."),
     "models": ("clipkit.cli.models", "models", "List model names and presets, or describe one."),
 }
@@ -82,8 +98,10 @@ def run_guarded(fn, *args, **kwargs):
         fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
-                                              "max_content_width": 100})
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="clipkit")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool):
@@ -95,8 +113,11 @@ def cli(verbose: bool):
       clipkit pretrain --data demo_data/train --out runs/demo --model tiny --steps 200
       clipkit zero-shot demo --checkpoint runs/demo
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 if __name__ == "__main__":

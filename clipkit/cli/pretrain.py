@@ -9,13 +9,32 @@ from clipkit.cli.main import fail, run_guarded
 # (flag, "section.key", click type, help). Defaults live in clipkit.config, not here: a flag the
 # user did not give stays None so the YAML file (or a resumed run's config) can supply it.
 FLAGS = [
-    ("--data", "data.data", str, "Shards: a directory of *.tar, a brace pattern, a URL "
-     "(pipe:, http), or several joined by '::'."),
-    ("--out", "run.out", str, "Run directory (config.yaml, metrics.jsonl, checkpoints/, curves.png)."),
-    ("--model", "model.name", str, "Model: clipkit preset (tiny, test, msclip-b32...), open_clip "
-     "name (ViT-B-32), an open_clip-style JSON file, or local-dir:DIR. See `clipkit models`."),
-    ("--method", "method.name", str, "Training method: clip (default), flip, aclip, aclip-eff, "
-     "attmask-high."),
+    (
+        "--data",
+        "data.data",
+        str,
+        "Shards: a directory of *.tar, a brace pattern, a URL "
+        "(pipe:, http), or several joined by '::'.",
+    ),
+    (
+        "--out",
+        "run.out",
+        str,
+        "Run directory (config.yaml, metrics.jsonl, checkpoints/, curves.png).",
+    ),
+    (
+        "--model",
+        "model.name",
+        str,
+        "Model: clipkit preset (tiny, test, msclip-b32...), open_clip "
+        "name (ViT-B-32), an open_clip-style JSON file, or local-dir:DIR. See `clipkit models`.",
+    ),
+    (
+        "--method",
+        "method.name",
+        str,
+        "Training method: clip (default), flip, aclip, aclip-eff, attmask-high.",
+    ),
     ("--pretrained", "model.pretrained", str, "Local open_clip weights file to start from."),
     ("--image-size", "model.image_size", int, "Override the model's image size."),
     ("--context-length", "model.context_length", int, "Override the text context length."),
@@ -24,26 +43,51 @@ FLAGS = [
     ("--samples", "run.samples", int, "Samples to train on, over all ranks (or give --steps)."),
     ("--lr", "optim.lr", float, "Peak learning rate (default 5e-4)."),
     ("--warmup", "optim.warmup", int, "Linear warmup steps (default 100)."),
-    ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay on weight matrices "
-     "(default 0.2; never on biases, norms, embeddings, temperature)."),
+    (
+        "--weight-decay",
+        "optim.weight_decay",
+        float,
+        "AdamW weight decay on weight matrices "
+        "(default 0.2; never on biases, norms, embeddings, temperature).",
+    ),
     ("--schedule", "optim.schedule", click.Choice(["cosine", "constant"]), "LR after warmup."),
     ("--grad-clip", "optim.grad_clip", float, "Clip the global gradient norm (default 1.0)."),
-    ("--accum-steps", "optim.accum_steps", int, "Micro-batches per optimizer step (each "
-     "micro-batch is its own contrastive problem)."),
+    (
+        "--accum-steps",
+        "optim.accum_steps",
+        int,
+        "Micro-batches per optimizer step (each micro-batch is its own contrastive problem).",
+    ),
     ("--workers", "data.workers", int, "DataLoader workers per rank (default 2)."),
-    ("--train-num-samples", "data.train_num_samples", int, "Samples per epoch (default: from "
-     "sizes.json next to the shards)."),
+    (
+        "--train-num-samples",
+        "data.train_num_samples",
+        int,
+        "Samples per epoch (default: from sizes.json next to the shards).",
+    ),
     ("--shuffle-buffer", "data.shuffle_buffer", int, "Samples in each worker's shuffle buffer."),
     ("--image-key", "data.image_key", str, "Image member extensions, ';'-separated."),
     ("--text-key", "data.text_key", str, "Caption member extension (default txt)."),
-    ("--max-bad-fraction", "data.max_bad_fraction", float, "Stop when more than this share of "
-     "samples is unusable (default 0.01)."),
-    ("--max-pixels", "data.max_pixels", int, "Skip images with more pixels (decompression-bomb "
-     "guard)."),
+    (
+        "--max-bad-fraction",
+        "data.max_bad_fraction",
+        float,
+        "Stop when more than this share of samples is unusable (default 0.01).",
+    ),
+    (
+        "--max-pixels",
+        "data.max_pixels",
+        int,
+        "Skip images with more pixels (decompression-bomb guard).",
+    ),
     ("--seed", "run.seed", int, "Seed of the model init, data order and augmentations."),
     ("--device", "run.device", str, "auto (default), cpu, cuda or cuda:N."),
-    ("--precision", "run.precision", click.Choice(["auto", "fp32", "bf16", "fp16"]),
-     "auto = bf16 autocast on CUDA, fp32 on CPU."),
+    (
+        "--precision",
+        "run.precision",
+        click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        "auto = bf16 autocast on CUDA, fp32 on CPU.",
+    ),
     ("--save-every", "run.save_every", int, "Steps between checkpoints (default 1000)."),
     ("--keep-last", "run.keep_last", int, "Keep only the newest N step checkpoints."),
     ("--log-every", "run.log_every", int, "Steps between log lines / metrics.jsonl records."),
@@ -58,11 +102,17 @@ FLAGS = [
 ]
 SWITCHES = [
     ("--resampled/--no-resampled", "data.resampled", "Draw shards with replacement."),
-    ("--grad-checkpointing/--no-grad-checkpointing", "model.grad_checkpointing",
-     "Recompute activations in backward to save memory."),
+    (
+        "--grad-checkpointing/--no-grad-checkpointing",
+        "model.grad_checkpointing",
+        "Recompute activations in backward to save memory.",
+    ),
     ("--compile/--no-compile", "run.compile", "torch.compile the training step."),
-    ("--attentive/--random-blocks", "method.attentive", "aclip: choose blocks by teacher "
-     "attention (default) or at random (ablation)."),
+    (
+        "--attentive/--random-blocks",
+        "method.attentive",
+        "aclip: choose blocks by teacher attention (default) or at random (ablation).",
+    ),
 ]
 
 
@@ -110,10 +160,19 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.option("--config", "config_file", type=str, default=None,
-              help="YAML file with sections data/model/method/optim/run; flags override it.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest.pt "
-              "(same step, learning rate, samples seen and data position).")
+@click.option(
+    "--config",
+    "config_file",
+    type=str,
+    default=None,
+    help="YAML file with sections data/model/method/optim/run; flags override it.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its latest.pt "
+    "(same step, learning rate, samples seen and data position).",
+)
 @_options
 def pretrain(config_file, resume, **kwargs):
     """Train a contrastive image-text model on WebDataset shards (img2dataset layout).
@@ -137,8 +196,10 @@ def _report(summary: dict) -> None:
     if not env_info().is_main:
         return
     if summary.get("stopped_by"):
-        click.echo(f"stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
-                   f"written. Continue with the same command plus --resume.")
+        click.echo(
+            f"stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
+            f"written. Continue with the same command plus --resume."
+        )
         return
     click.echo(f"done: {summary['step']} steps, {summary['samples_seen']} samples")
     click.echo(f"checkpoint: {summary['checkpoint']}")

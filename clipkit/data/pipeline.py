@@ -28,8 +28,11 @@ class SampleTransform:
 
             pp = factory.preprocess_cfg(arch)
             self.image = MultiViewTransform(
-                image_size=pp["size"], num_views=views.online_views,
-                teacher_size=views.teacher_size, mean=pp["mean"], std=pp["std"],
+                image_size=pp["size"],
+                num_views=views.online_views,
+                teacher_size=views.teacher_size,
+                mean=pp["mean"],
+                std=pp["std"],
             )
 
     def __call__(self, image, caption: str) -> dict:
@@ -64,7 +67,9 @@ class Collate:
 class DataPosition:
     """Where every worker of this rank stands; enough to resume the stream exactly."""
 
-    workers: dict[int, list[int]] = field(default_factory=dict)  # logical id -> [epoch, taken, done]
+    workers: dict[int, list[int]] = field(
+        default_factory=dict
+    )  # logical id -> [epoch, taken, done]
     batches: int = 0  # batches this rank consumed
 
     def update(self, batch: dict) -> None:
@@ -87,8 +92,16 @@ class LoaderInfo:
     batches_per_epoch: int  # per rank
 
 
-def build_loader(cfg: DataConfig, arch: dict, views: ViewSpec, tokenizer, dist: DistInfo,
-                 seed: int, position: DataPosition | None = None, pin_memory: bool = False):
+def build_loader(
+    cfg: DataConfig,
+    arch: dict,
+    views: ViewSpec,
+    tokenizer,
+    dist: DistInfo,
+    seed: int,
+    position: DataPosition | None = None,
+    pin_memory: bool = False,
+):
     """Validate the data (pre-flight) and build the infinite training loader for this rank."""
     urls = expand_sources(cfg.data)
     preflight(urls, ranks=dist.world_size, workers=cfg.workers, resampled=cfg.resampled)
@@ -102,10 +115,19 @@ def build_loader(cfg: DataConfig, arch: dict, views: ViewSpec, tokenizer, dist: 
     per_worker = batches_per_worker(num_samples, cfg.batch_size, dist.world_size, workers)
     position = position or DataPosition()
     spec = StreamSpec(
-        urls=urls, batch_size=cfg.batch_size, batches_per_worker=per_worker, seed=seed,
-        rank=dist.rank, world_size=dist.world_size, num_workers=cfg.workers,
-        resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, image_key=cfg.image_key,
-        text_key=cfg.text_key, max_pixels=cfg.max_pixels, start=dict(position.workers),
+        urls=urls,
+        batch_size=cfg.batch_size,
+        batches_per_worker=per_worker,
+        seed=seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.workers,
+        resampled=cfg.resampled,
+        shuffle_buffer=cfg.shuffle_buffer,
+        image_key=cfg.image_key,
+        text_key=cfg.text_key,
+        max_pixels=cfg.max_pixels,
+        start=dict(position.workers),
         worker_offset=position.batches % workers,
     )
     loader = make_loader(spec, SampleTransform(arch, views), Collate(tokenizer), pin_memory)

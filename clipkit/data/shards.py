@@ -28,7 +28,10 @@ from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
 
 def seed_for(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (stable across processes and Python versions)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+        >> 1
+    )
 
 
 @dataclass
@@ -122,8 +125,9 @@ class ShardStream(IterableDataset):
         out["key"] = raw.get("__key__", "")
         return out
 
-    def _epoch(self, epoch: int, logical: int, stream_id: int, n_streams: int, skip: int,
-               batches_done: int) -> Iterator[dict]:
+    def _epoch(
+        self, epoch: int, logical: int, stream_id: int, n_streams: int, skip: int, batches_done: int
+    ) -> Iterator[dict]:
         s = self.spec
         bad: Counter = Counter()
         bad_shards: Counter = Counter()

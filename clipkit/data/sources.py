@@ -39,7 +39,9 @@ def expand_sources(data: str) -> list[str]:
             if len(missing) == len(expanded):
                 raise ConfigError(f"no shard matches '{source}' (checked {len(expanded)} path(s))")
             if missing:
-                raise ConfigError(f"{len(missing)} shard(s) of '{source}' missing, e.g. {missing[0]}")
+                raise ConfigError(
+                    f"{len(missing)} shard(s) of '{source}' missing, e.g. {missing[0]}"
+                )
         urls.extend(expanded)
     if not urls:
         raise ConfigError("--data names no shards")

@@ -62,4 +62,6 @@ class Method(nn.Module):
         missing = [k for k in self.extra_state() if k not in state]
         if missing:
             raise KeyError(f"checkpoint lacks method state: {missing[:5]}")
-        self.load_state_dict({**state, **{f"model.{k}": v for k, v in self.model.state_dict().items()}})
+        self.load_state_dict(
+            {**state, **{f"model.{k}": v for k, v in self.model.state_dict().items()}}
+        )

@@ -26,10 +26,20 @@ def _tiny(image: int, patch: int, width: int, layers: int, context: int, embed: 
     heads = max(1, width // 32)
     return {
         "embed_dim": embed,
-        "vision_cfg": {"image_size": image, "patch_size": patch, "width": width, "layers": layers,
-                       "head_width": width // heads},
-        "text_cfg": {"context_length": context, "vocab_size": 49408, "width": width,
-                     "heads": heads, "layers": layers},
+        "vision_cfg": {
+            "image_size": image,
+            "patch_size": patch,
+            "width": width,
+            "layers": layers,
+            "head_width": width // heads,
+        },
+        "text_cfg": {
+            "context_length": context,
+            "vocab_size": 49408,
+            "width": width,
+            "heads": heads,
+            "layers": layers,
+        },
     }
 
 
@@ -43,10 +53,20 @@ PRESETS: dict[str, dict] = {
     # ViT-S/16 image tower with a 384-wide text tower: the CPU hardware-use benchmark's model.
     "vit-s-16": {
         "embed_dim": 384,
-        "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 384, "layers": 12,
-                       "head_width": 64},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 384, "heads": 6,
-                     "layers": 12},
+        "vision_cfg": {
+            "image_size": 224,
+            "patch_size": 16,
+            "width": 384,
+            "layers": 12,
+            "head_width": 64,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 384,
+            "heads": 6,
+            "layers": 12,
+        },
     },
 }
 
@@ -87,8 +107,11 @@ def _arch_from_json(data: dict, source: str) -> dict:
     model_cfg = data.get("model_cfg", data)
     if "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
         raise ConfigError(f"{source}: an open_clip model config needs 'vision_cfg' and 'text_cfg'")
-    return {"family": "open_clip", "model_cfg": model_cfg,
-            "preprocess_cfg": data.get("preprocess_cfg", {})}
+    return {
+        "family": "open_clip",
+        "model_cfg": model_cfg,
+        "preprocess_cfg": data.get("preprocess_cfg", {}),
+    }
 
 
 def resolve_arch(cfg: ModelConfig) -> dict:
@@ -96,11 +119,15 @@ def resolve_arch(cfg: ModelConfig) -> dict:
     name = cfg.name
     msclip = _msclip_presets()
     if name in PRESETS:
-        arch = {"family": "open_clip", "model_cfg": copy.deepcopy(PRESETS[name]), "preprocess_cfg": {}}
+        arch = {
+            "family": "open_clip",
+            "model_cfg": copy.deepcopy(PRESETS[name]),
+            "preprocess_cfg": {},
+        }
     elif name in msclip:
         arch = {"family": "msclip", "config": msclip[name]}
     elif name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):])
+        folder = Path(name[len("local-dir:") :])
         cfg_file = folder / "open_clip_config.json"
         if not cfg_file.is_file():
             raise ConfigError(f"{name}: no open_clip_config.json in {folder}")
@@ -163,7 +190,7 @@ def build(cfg: ModelConfig) -> nn.Module:
     model = build_from_arch(arch)
     pretrained = cfg.pretrained
     if pretrained is None and cfg.name.startswith("local-dir:"):
-        pretrained = _local_dir_weights(Path(cfg.name[len("local-dir:"):]))
+        pretrained = _local_dir_weights(Path(cfg.name[len("local-dir:") :]))
     if pretrained:
         load_pretrained(model, pretrained)
     if cfg.grad_checkpointing:
@@ -207,21 +234,30 @@ def context_length(arch: dict) -> int:
 
 def preprocess_cfg(arch: dict) -> dict:
     """open_clip's PreprocessCfg fields for this model (size, mean, std, interpolation...)."""
-    pp = {"size": image_size(arch), "mean": OPENAI_MEAN, "std": OPENAI_STD,
-          "interpolation": "bicubic", "resize_mode": "shortest"}
+    pp = {
+        "size": image_size(arch),
+        "mean": OPENAI_MEAN,
+        "std": OPENAI_STD,
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     pp.update(arch.get("preprocess_cfg", {}) or {})
     pp["size"] = image_size(arch)
     return pp
 
 
 def transforms(arch: dict, is_train: bool):
-    """open_clip's image preprocessing for this model (train: RandomResizedCrop; eval: resize+crop)."""
+    """open_clip's image preprocessing (train: RandomResizedCrop; eval: resize + centre crop)."""
     from open_clip.transform import image_transform
 
     pp = preprocess_cfg(arch)
     return image_transform(
-        pp["size"], is_train=is_train, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
-        interpolation=pp.get("interpolation"), resize_mode=pp.get("resize_mode"),
+        pp["size"],
+        is_train=is_train,
+        mean=tuple(pp["mean"]),
+        std=tuple(pp["std"]),
+        interpolation=pp.get("interpolation"),
+        resize_mode=pp.get("resize_mode"),
     )
 
 

@@ -15,8 +15,15 @@ from torch import nn
 
 from clipkit.config import OptimConfig
 
-_NO_DECAY_NAMES = ("logit_scale", "logit_bias", "positional_embedding", "class_embedding",
-                   "token_embedding", "pos_embed", "cls_token")
+_NO_DECAY_NAMES = (
+    "logit_scale",
+    "logit_bias",
+    "positional_embedding",
+    "class_embedding",
+    "token_embedding",
+    "pos_embed",
+    "cls_token",
+)
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -50,7 +57,10 @@ def param_groups(module: nn.Module, cfg: OptimConfig) -> list[dict]:
 def build_optimizer(module: nn.Module, cfg: OptimConfig, device: torch.device):
     fused = device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(module, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        param_groups(module, cfg),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
         fused=fused or None,
     )
 

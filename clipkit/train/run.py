@@ -80,15 +80,28 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
         optimizer = build_optimizer(method, cfg.optim, device)
         if saved is not None:
             state = _restore(saved, method, optimizer, dist)
-        loader, info = build_loader(cfg.data, cfg.model.arch, method.views, tokenizer, dist,
-                                    cfg.run.seed, state.position, pin_memory=device.type == "cuda")
+        loader, info = build_loader(
+            cfg.data,
+            cfg.model.arch,
+            method.views,
+            tokenizer,
+            dist,
+            cfg.run.seed,
+            state.position,
+            pin_memory=device.type == "cuda",
+        )
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, run_dir / "config.yaml")
-            log.info("data: %d shard(s), %d samples/epoch, %d batches/epoch per rank",
-                     len(info.urls), info.num_samples, info.batches_per_epoch)
-        trainer = Trainer(cfg, method, optimizer, loader, total_steps(cfg), dist, device,
-                          run_dir, state)
+            log.info(
+                "data: %d shard(s), %d samples/epoch, %d batches/epoch per rank",
+                len(info.urls),
+                info.num_samples,
+                info.batches_per_epoch,
+            )
+        trainer = Trainer(
+            cfg, method, optimizer, loader, total_steps(cfg), dist, device, run_dir, state
+        )
         summary = trainer.fit()
     finally:
         distributed.cleanup()
@@ -104,8 +117,12 @@ def _restore(saved: dict, method, optimizer, dist: DistInfo) -> TrainState:
     optimizer.load_state_dict(saved["optimizer"])
     positions = saved["data_position"]
     if saved.get("world_size", 1) != dist.world_size:
-        log.warning("resuming on %d rank(s) from a %d-rank run: the data stream restarts its "
-                    "epoch order (not an exact resume)", dist.world_size, saved.get("world_size"))
+        log.warning(
+            "resuming on %d rank(s) from a %d-rank run: the data stream restarts its "
+            "epoch order (not an exact resume)",
+            dist.world_size,
+            saved.get("world_size"),
+        )
         position = DataPosition()
     else:
         position = DataPosition.from_state(positions[dist.rank])

@@ -40,9 +40,18 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, method: nn.Module, optimizer: torch.optim.Optimizer,
-                 loader, total_steps: int, dist: DistInfo, device: torch.device,
-                 run_dir: Path, state: TrainState):
+    def __init__(
+        self,
+        cfg: Config,
+        method: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader,
+        total_steps: int,
+        dist: DistInfo,
+        device: torch.device,
+        run_dir: Path,
+        state: TrainState,
+    ):
         self.cfg, self.method, self.optimizer = cfg, method, optimizer
         self.loader, self.total_steps, self.dist = loader, total_steps, dist
         self.device, self.run_dir, self.state = device, run_dir, state
@@ -58,8 +67,11 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(method, device_ids=ids,
-                   find_unused_parameters=getattr(method, "has_unused_parameters", False))
+        return DDP(
+            method,
+            device_ids=ids,
+            find_unused_parameters=getattr(method, "has_unused_parameters", False),
+        )
 
     def _autocast(self):
         precision = self.cfg.run.precision
@@ -84,10 +96,16 @@ class Trainer:
                 parts, wait = self._train_step(batches)
                 window["wait"] += wait
                 window["samples"] += self.global_batch
-                if self.state.step % self.cfg.run.log_every == 0 or self.state.step == self.total_steps:
+                if (
+                    self.state.step % self.cfg.run.log_every == 0
+                    or self.state.step == self.total_steps
+                ):
                     self._log(parts, window, progress)
                     window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
-                if self.state.step % self.cfg.run.save_every == 0 and self.state.step < self.total_steps:
+                if (
+                    self.state.step % self.cfg.run.save_every == 0
+                    and self.state.step < self.total_steps
+                ):
                     self.save()
                 if self._agree_to_stop():
                     self.save()
@@ -115,7 +133,7 @@ class Trainer:
             self._account_data(batch)
             batch = self._to_device(batch)
             sync = micro == accum - 1 or not self.dist.enabled
-            with (nullcontext() if sync else self.engine.no_sync()), self._autocast():
+            with nullcontext() if sync else self.engine.no_sync(), self._autocast():
                 loss, parts = self.engine(batch)
             (loss / accum).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
@@ -155,8 +173,11 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         nb = self.device.type == "cuda"
-        return {k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items() if not k.startswith("_")}
+        return {
+            k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if not k.startswith("_")
+        }
 
     def _account_data(self, batch: dict) -> None:
         self.state.position.update(batch)
@@ -169,8 +190,14 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.total_steps, initial=self.state.step, desc="pretrain",
-                    unit="step", dynamic_ncols=True, mininterval=1.0)
+        return tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def _log(self, parts: dict, window: dict, progress) -> None:
         from clipkit.distributed import all_reduce_mean
@@ -179,18 +206,26 @@ class Trainer:
         values = {k: float(all_reduce_mean(v.detach())) for k, v in parts.items()}
         bad_total, seen = self._bad_counts()
         record = {
-            "step": self.state.step, "samples_seen": self.state.samples_seen,
-            **values, "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0),
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            **values,
+            "lr": self.optimizer.param_groups[0]["lr"]
+            / self.optimizer.param_groups[0].get("lr_mult", 1.0),
             "samples_per_s": window["samples"] / elapsed,
             "data_wait_frac": min(1.0, window["wait"] / elapsed),
-            "bad_samples": bad_total, "bad_by_reason": dict(self.state.bad),
+            "bad_samples": bad_total,
+            "bad_by_reason": dict(self.state.bad),
         }
         self.runlog.write(record)
         if progress is not None:
             progress.n = self.state.step
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 sps=f"{record['samples_per_s']:.0f}",
-                                 wait=f"{record['data_wait_frac']:.0%}", refresh=False)
+            progress.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                sps=f"{record['samples_per_s']:.0f}",
+                wait=f"{record['data_wait_frac']:.0%}",
+                refresh=False,
+            )
             progress.refresh()
         self._check_bad_fraction(bad_total, seen)
 
@@ -207,7 +242,9 @@ class Trainer:
     def _check_bad_fraction(self, bad: int, seen: int) -> None:
         limit = self.cfg.data.max_bad_fraction
         if seen >= 100 and bad / seen > limit:
-            worst = ", ".join(f"{Path(s).name} ({n})" for s, n in self.state.bad_shards.most_common(3))
+            worst = ", ".join(
+                f"{Path(s).name} ({n})" for s, n in self.state.bad_shards.most_common(3)
+            )
             raise TrainingError(
                 f"{bad} of {seen} samples were unusable ({bad / seen:.1%} > --max-bad-fraction "
                 f"{limit:.1%}); reasons {dict(self.state.bad)}; worst shards: {worst}"
@@ -225,8 +262,11 @@ class Trainer:
         return bool(flag.item())
 
     def _summary(self) -> dict:
-        return {"step": self.state.step, "samples_seen": self.state.samples_seen,
-                "bad_samples": dict(self.state.bad)}
+        return {
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            "bad_samples": dict(self.state.bad),
+        }
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -265,8 +305,10 @@ class Trainer:
     def _check_weights_finite(self) -> None:
         for name, p in self.method.named_parameters():
             if not torch.isfinite(p).all():
-                raise TrainingError(f"parameter {name} is non-finite at step {self.state.step}; "
-                                    "not saving it (the previous checkpoint is intact)")
+                raise TrainingError(
+                    f"parameter {name} is non-finite at step {self.state.step}; "
+                    "not saving it (the previous checkpoint is intact)"
+                )
 
     def _prune(self, ckpt_dir: Path) -> None:
         keep = self.cfg.run.keep_last

@@ -1,0 +1,414 @@
+"""Built-in synthetic captioned dataset: procedurally drawn shapes with natural-language captions.
+
+Every split is a pure function of the seed, so the demo and the tests never download anything.
+Layout written by `write_demo(OUT)`:
+
+    OUT/train/shard-000000.tar ... + sizes.json   img2dataset layout: key.jpg, key.txt, key.json
+    OUT/eval/shard-000000.tar ...  + sizes.json   same layout, only held-out (shape, colour) pairs
+    OUT/zeroshot/{shape,colour}/                  CLIP_benchmark `wds/` layout (builder.py):
+        {train,test}/0.tar ... + nshards.txt      key.png, key.cls (class index), key.json
+        classnames.txt, zeroshot_classification_templates.txt
+    OUT/demo.json                                 the summary `write_demo` returns
+
+The eval split and the zero-shot `test` splits use only (shape, colour) combinations that never
+appear in training, so they measure compositional generalisation rather than memorisation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+import textwrap
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
+PLURALS = {s: s + "es" if s.endswith("s") else s + "s" for s in SHAPES}
+COLOURS = {  # base RGB, far apart so that colour names are learnable
+    "red": (220, 30, 30), "green": (30, 165, 50), "blue": (35, 75, 225),
+    "yellow": (245, 215, 25), "purple": (140, 45, 185), "orange": (250, 135, 15),
+    "white": (250, 250, 250), "black": (20, 20, 20),
+}  # fmt: skip
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+BACKGROUNDS = ("plain", "gradient", "striped", "noisy")
+HELD_OUT_FRACTION = 0.2
+# Muted background tones; each object colour uses only those that contrast with it.
+_BG_TONES = np.array(
+    [(200, 200, 200), (128, 128, 128), (60, 60, 65), (222, 205, 170), (75, 90, 110),
+     (115, 95, 75), (175, 195, 220), (228, 196, 202), (185, 215, 195), (242, 236, 215),
+     (35, 40, 75), (40, 105, 105)],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def _lightness(rgb: np.ndarray) -> np.ndarray:
+    """CIE L* (0-100) of sRGB colours (..., 3): what makes a shape stand out to the eye."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    return 116.0 * np.cbrt(linear @ np.array([0.2126, 0.7152, 0.0722])) - 16.0
+
+
+# Per object colour, the background tones far from it in RGB *and* in lightness (yellow on cream
+# is far in RGB yet hard to see).
+_TONES_FOR = {
+    name: _BG_TONES[
+        (np.linalg.norm(_BG_TONES - np.array(rgb), axis=1) >= 140.0)
+        & (np.abs(_lightness(_BG_TONES) - _lightness(np.array(rgb))) >= 20.0)
+    ]
+    for name, rgb in COLOURS.items()
+}
+_SIZE_RANGE = {"small": (0.17, 0.23), "large": (0.32, 0.45)}  # object extent / image side
+_SUPERSAMPLE = 3  # shapes are drawn at 3x and box-filtered down for anti-aliased edges
+
+_COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of"), 3: ("three",)}
+_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+_POSITION_PHRASES = {
+    "left": ("on the left", "on the left side", "at the left of the image", "towards the left"),
+    "right": ("on the right", "on the right side", "at the right of the image", "to the right"),
+    "top": ("at the top", "near the top", "in the upper part of the picture", "up high"),
+    "bottom": ("at the bottom", "near the bottom", "in the lower part of the picture", "down low"),
+    "center": ("in the center", "in the middle", "in the centre of the frame", "centered"),
+}
+_BACKGROUND_PHRASES = {
+    "plain": ("on a plain background", "against a plain backdrop", "on a flat background"),
+    "gradient": ("on a gradient background", "against a smooth gradient", "over a colour fade"),
+    "striped": ("against a striped background", "on stripes", "over a striped pattern"),
+    "noisy": ("on a noisy background", "against a speckled texture", "over a grainy backdrop"),
+}
+_TEMPLATES = (
+    "a photo of {np}{where}.", "{np}{where}", "an image of {np}{where}.",
+    "a picture showing {np}{where}", "a drawing of {np}{where}.",
+    "a simple illustration of {np}{where}", "there {be} {np}{where}.", "a rendering of {np}{where}",
+    "a synthetic scene with {np}{where}.", "this image contains {np}{where}",
+    "a clip art of {np}{where}.", "a cartoon of {np}{where}", "we see {np}{where}.",
+    "a graphic with {np}{where}", "a computer-generated picture of {np}{where}.",
+    "in this picture there {be} {np}{where}", "a toy scene: {np}{where}.",
+    "a snapshot of {np}{where}",
+)  # fmt: skip
+ZEROSHOT_TEMPLATES = {
+    "shape": ("a photo of a {c}.", "a drawing of a {c}.", "a {c} shape.", "an image of a {c}.",
+              "a picture of a {c}.", "a rendering of a {c}."),
+    "colour": ("a photo of a {c} object.", "a drawing of a {c} shape.", "something {c}.",
+               "an image of {c} shapes.", "a picture of a {c} thing.", "the colour {c}."),
+}  # fmt: skip
+
+
+def held_out_combos(seed: int) -> tuple[tuple[str, str], ...]:
+    """The (shape, colour) pairs that never appear in training, ~HELD_OUT_FRACTION of all pairs.
+
+    Pairing the i-th shape and i-th colour of two seeded permutations (i cycling) gives distinct
+    pairs that spread evenly: every shape and every colour is held out at least once (so each class
+    has zero-shot test images) and at most twice (so each keeps most of its pairs in training).
+    """
+    rng = np.random.default_rng([seed, 0])
+    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
+    colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))]
+    n_held = max(len(SHAPES), len(COLOURS), round(HELD_OUT_FRACTION * len(SHAPES) * len(COLOURS)))
+    combos = {(shapes[i % len(shapes)], colours[i % len(colours)]) for i in range(n_held)}
+    return tuple(sorted(combos))
+
+
+def train_combos(seed: int) -> tuple[tuple[str, str], ...]:
+    held = set(held_out_combos(seed))
+    return tuple((s, c) for s in SHAPES for c in COLOURS if (s, c) not in held)
+
+
+def sample_attrs(rng: np.random.Generator, allowed_combos: Sequence[tuple[str, str]]) -> dict:
+    """Draw one scene description: a (shape, colour) pair from `allowed_combos` plus layout."""
+    shape, colour = allowed_combos[rng.integers(len(allowed_combos))]
+    return {
+        "shape": shape,
+        "colour": colour,
+        "count": int(rng.integers(1, 4)),
+        "size": SIZES[rng.integers(len(SIZES))],
+        "position": POSITIONS[rng.integers(len(POSITIONS))],
+        "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+    }
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[rng.integers(len(options))]
+
+
+def caption(rng: np.random.Generator, attrs: dict) -> str:
+    """A varied English caption that always names the shape and colour (size, position and
+    background are each mentioned only some of the time, as in real alt-text)."""
+    count, colour = attrs["count"], attrs["colour"]
+    noun = attrs["shape"] if count == 1 else PLURALS[attrs["shape"]]
+    size = _pick(rng, _SIZE_WORDS[attrs["size"]]) if rng.random() < 0.6 else ""
+    if rng.random() < 0.75:
+        phrase = " ".join(w for w in (size, colour, noun) if w)
+    else:
+        phrase = " ".join(w for w in (size, noun) if w) + _pick(rng, (" in ", " coloured "))
+        phrase += colour
+    det = _pick(rng, _COUNT_WORDS[count])
+    if det == "a" and phrase[0] in "aeiou":
+        det = "an"
+    where = ""
+    if rng.random() < 0.7:
+        where += " " + _pick(rng, _POSITION_PHRASES[attrs["position"]])
+    if rng.random() < 0.4:
+        where += " " + _pick(rng, _BACKGROUND_PHRASES[attrs["background"]])
+    template = _pick(rng, _TEMPLATES)
+    return template.format(np=f"{det} {phrase}", where=where, be="is" if count == 1 else "are")
+
+
+def _background(rng: np.random.Generator, kind: str, colour: str, size: int) -> np.ndarray:
+    """(H, W, 3) float32 background whose tones all contrast with the object colour."""
+    tones = _TONES_FOR[colour]
+    c1, c2 = tones[rng.choice(len(tones), size=2, replace=False)]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, math.pi)
+    proj = xx * math.cos(angle) + yy * math.sin(angle)  # (H, W) coordinate along a random axis
+    if kind == "plain":
+        return np.broadcast_to(c1, (size, size, 3)).copy()
+    if kind == "gradient":
+        t = ((proj - proj.min()) / max(float(np.ptp(proj)), 1e-6))[..., None]
+        return c1 * (1 - t) + c2 * t
+    if kind == "striped":
+        period = rng.uniform(0.1, 0.2) * size
+        triangle = np.abs(proj / period % 1.0 - 0.5) * 2  # 0..1 triangle wave along the axis
+        stripe = np.clip((triangle - 0.5) * period / 2 + 0.5, 0, 1)[..., None]  # 1 px soft edge
+        return c1 * (1 - stripe) + c2 * stripe
+    blobs = Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).resize(
+        (size, size), Image.BILINEAR
+    )  # low-frequency blotches plus per-pixel grain
+    low = np.asarray(blobs, np.float32)[..., None] / 255.0
+    return c1 * (1 - low) + c2 * low + rng.normal(0, 12, (size, size, 3)).astype(np.float32)
+
+
+def _layout(rng: np.random.Generator, attrs: dict) -> tuple[float, list[tuple[float, float]]]:
+    """Object extent and centres (fractions of the image side) for the group in its region."""
+    n = attrs["count"]
+    lo, hi = _SIZE_RANGE[attrs["size"]]
+    extent = min(rng.uniform(lo, hi), (0.98 - 0.04 * (n - 1)) / n)  # n must fit side by side
+    step = extent + rng.uniform(0.04, min(0.12, (0.98 - n * extent) / max(n - 1, 1)))
+    slack = 0.98 - (n - 1) * step - extent
+    pos = attrs["position"]
+    shift = rng.uniform(-1, 1) * slack * (0.08 if pos == "center" else 0.18)
+    along = 0.5 + shift + (np.arange(n) - (n - 1) / 2) * step
+    if pos == "center":
+        across = 0.5 + rng.uniform(-0.06, 0.06)
+    else:  # the group hugs its half of the image, but stays fully inside it
+        near = extent / 2 + 0.03
+        far = max(0.42 - extent / 2, near)
+        across = rng.uniform(near, far) if pos in ("left", "top") else 1 - rng.uniform(near, far)
+    vertical = pos in ("left", "right")  # groups stack along the long side of their region
+    return extent, [(across, a) if vertical else (a, across) for a in along]
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices (polar, then rotated by `angle`) of a shape inscribed in the circle of radius r,
+    so no rotation can push it into a neighbour or past the image border."""
+    if shape == "square":
+        pts = [(math.pi / 4 + k * math.pi / 2, r) for k in range(4)]
+    elif shape == "triangle":
+        pts = [(-math.pi / 2 + k * 2 * math.pi / 3, r) for k in range(3)]
+    elif shape == "star":
+        pts = [(-math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.45 * r) for k in range(10)]
+    else:  # cross: a plus sign with arms 0.6 r wide and 0.92 r long
+        w, a = 0.3 * r, 0.92 * r
+        xy = [(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a)]
+        xy += [(-x, -y) for x, y in xy]
+        pts = [(math.atan2(y, x), math.hypot(x, y)) for x, y in xy]
+    return [(cx + d * math.cos(t + angle), cy + d * math.sin(t + angle)) for t, d in pts]
+
+
+_MAX_TILT = {"square": 20.0, "triangle": 20.0, "star": 180.0, "cross": 20.0}
+
+
+def draw_scene(rng: np.random.Generator, attrs: dict, image_size: int = 64) -> Image.Image:
+    """Render `attrs` (from `sample_attrs`) as an RGB image of side `image_size`."""
+    big = image_size * _SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    extent, centres = _layout(rng, attrs)
+    shape = attrs["shape"]
+    for fx, fy in centres:
+        cx, cy = fx * big, fy * big
+        r = extent * big / 2 * rng.uniform(0.92, 1.0)
+        if shape in ("circle", "ring"):
+            for radius, fill in ((0.9 * r, 255), (0.5 * r, 0))[: 1 + (shape == "ring")]:
+                draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        else:
+            tilt = math.radians(rng.uniform(-_MAX_TILT[shape], _MAX_TILT[shape]))
+            draw.polygon(_polygon(shape, cx, cy, r, tilt), fill=255)
+    alpha = np.asarray(mask.resize((image_size, image_size), Image.BOX), np.float32)[..., None]
+    alpha /= 255.0  # (H, W, 1) anti-aliased coverage
+    colour = np.array(COLOURS[attrs["colour"]], np.float32) + rng.integers(-12, 13, 3)
+    bg = _background(rng, attrs["background"], attrs["colour"], image_size)
+    pixels = bg * (1 - alpha) + colour * alpha  # (H, W, 3)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write samples into one tar with fixed metadata (mtime 0, root owner) so the bytes depend
+    only on the content. Returns the number of samples."""
+    n = 0
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+            n += 1
+    return n
+
+
+def _write_shards(
+    folder: Path, samples: Iterator, total: int, shard_size: int, name: str
+) -> dict[str, int]:
+    """Split `total` samples into shards named `name.format(i)`; returns {shard name: count}."""
+    folder.mkdir(parents=True)
+    sizes = {}
+    for i, start in enumerate(range(0, total, shard_size)):
+        count = min(shard_size, total - start)
+        shard = name.format(i)
+        sizes[shard] = _write_tar(folder / shard, (next(samples) for _ in range(count)))
+    return sizes
+
+
+def _captioned(rng: np.random.Generator, combos, n: int, image_size: int) -> Iterator:
+    """img2dataset-style samples (key.jpg, key.txt, key.json) for pairs in `combos`."""
+    for i in range(n):
+        attrs = sample_attrs(rng, combos)
+        image = draw_scene(rng, attrs, image_size)
+        attrs["caption"] = caption(rng, attrs)
+        key = f"{i:09d}"
+        meta = json.dumps({"key": key, **attrs}, sort_keys=True)
+        yield (
+            key,
+            {
+                "jpg": _encode(image, "JPEG"),
+                "txt": attrs["caption"].encode("utf-8"),
+                "json": meta.encode("utf-8"),
+            },
+        )
+
+
+def _labelled(rng: np.random.Generator, task: str, combos, n: int, image_size: int) -> Iterator:
+    """CLIP_benchmark-style samples (key.png, key.cls) with class counts differing by <= 1; the
+    scene attributes ride along as key.json (the benchmark's loader ignores them)."""
+    classes = list(SHAPES) if task == "shape" else list(COLOURS)
+    labels = rng.permutation(np.arange(n) % len(classes))
+    field = 0 if task == "shape" else 1
+    by_class = {c: [combo for combo in combos if combo[field] == c] for c in classes}
+    for i, label in enumerate(labels):
+        attrs = sample_attrs(rng, by_class[classes[label]])
+        image = draw_scene(rng, attrs, image_size)
+        meta = json.dumps(attrs, sort_keys=True).encode("utf-8")
+        yield (
+            f"s{i:07d}",
+            {"png": _encode(image, "PNG"), "cls": str(int(label)).encode(), "json": meta},
+        )
+
+
+def _write_captioned(folder: Path, samples: Iterator, n: int, shard_size: int) -> dict:
+    sizes = _write_shards(folder, samples, n, shard_size, "shard-{:06d}.tar")
+    (folder / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
+    return {"dir": folder.name, "shards": sorted(sizes), "samples": sum(sizes.values())}
+
+
+def _write_zeroshot(task: str, root: Path, splits: dict, image_size: int, shard_size: int) -> dict:
+    """One CLIP_benchmark `wds/` dataset: root/{train,test}/{0..k}.tar + nshards.txt + metadata."""
+    classes = list(SHAPES) if task == "shape" else list(COLOURS)
+    counts = {}
+    for split, (rng, combos, n) in splits.items():
+        samples = _labelled(rng, task, combos, n, image_size)
+        sizes = _write_shards(root / split, samples, n, shard_size, "{}.tar")
+        (root / split / "nshards.txt").write_text(f"{len(sizes)}\n")
+        counts[split] = sum(sizes.values())
+    (root / "classnames.txt").write_text("\n".join(classes) + "\n")
+    templates = "\n".join(ZEROSHOT_TEMPLATES[task]) + "\n"
+    (root / "zeroshot_classification_templates.txt").write_text(templates)
+    return {"dir": f"zeroshot/{task}", "classnames": classes, **counts}
+
+
+def _write_splits(
+    root: Path, seed: int, n_train: int, n_eval: int, n_probe: int, image_size: int, shard_size: int
+) -> dict:
+    held, seen = held_out_combos(seed), train_combos(seed)
+    # Independent streams per split, so changing one split's size leaves the others unchanged.
+    rngs = [np.random.default_rng([seed, k]) for k in range(1, 7)]
+    train = _captioned(rngs[0], seen, n_train, image_size)
+    held_out = _captioned(rngs[1], held, n_eval, image_size)
+    zeroshot = {
+        task: _write_zeroshot(task, root / "zeroshot" / task, {
+            "train": (rngs[2 + 2 * t], seen, n_probe), "test": (rngs[3 + 2 * t], held, n_eval),
+        }, image_size, shard_size)
+        for t, task in enumerate(("shape", "colour"))
+    }  # fmt: skip
+    return {
+        "seed": seed,
+        "image_size": image_size,
+        "held_out_combos": [list(c) for c in held],
+        "train_combos": [list(c) for c in seen],
+        "train": _write_captioned(root / "train", train, n_train, shard_size),
+        "eval": _write_captioned(root / "eval", held_out, n_eval, shard_size),
+        "zeroshot": zeroshot,
+    }
+
+
+def write_demo(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    train_samples: int = 5000,
+    eval_samples: int = 500,
+    probe_train_samples: int = 1000,
+    image_size: int = 64,
+    shard_size: int = 1000,
+) -> dict:
+    """Write the whole synthetic dataset under `out` and return a summary (also saved as
+    `out/demo.json`). Existing `train`, `eval`, `zeroshot` and `demo.json` are replaced; other
+    files are left alone. Everything is built in a hidden `out/.tmp-demo-*` folder and renamed
+    into place only once complete, so a failure never leaves half-written shards."""
+    counts = (train_samples, eval_samples, probe_train_samples, shard_size)
+    if min(counts) < 1 or image_size < 16:
+        raise ValueError(f"sample counts and shard_size must be >= 1, image_size >= 16: {counts}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-demo-", dir=out))
+    try:
+        summary = _write_splits(tmp, seed, *counts[:3], image_size, shard_size)
+        (tmp / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+        for name in ("train", "eval", "zeroshot", "demo.json"):
+            if (out / name).exists():  # park the old copy in tmp; the finally clause deletes it
+                os.replace(out / name, tmp / f"old-{name}")
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out), **summary}
+
+
+def preview_grid(out_png: str | Path, seed: int = 0, n: int = 16, image_size: int = 64) -> None:
+    """Save a grid of `n` training-style samples with their captions, for eyeballing."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.0 * cols, 3.6 * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    samples = _captioned(np.random.default_rng([seed, 1]), train_combos(seed), n, image_size)
+    for ax, (_, fields) in zip(axes[:n], samples, strict=True):
+        ax.imshow(Image.open(io.BytesIO(fields["jpg"])), interpolation="nearest")
+        ax.set_title(textwrap.fill(fields["txt"].decode(), 34), fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)

@@ -1,0 +1,361 @@
+"""A-CLIP (Yang et al., ICCV 2023, arXiv 2212.08653) and the baselines it is measured against.
+
+- `aclip`: an EMA copy of the image tower scores patches by its [CLS] attention on a wide teacher
+  view (Sec. 3.2); the score is resampled onto each online view through its crop box, averaged
+  over 2x2-patch blocks, and the online tower sees [CLS] + the top blocks only. Losses (Sec. 3.3):
+  CLIP per masked view, SimCLR between the two masked views, BYOL from each view to the EMA
+  projection of the teacher view; EMA momentum on a cosine schedule. The intended behaviour of
+  /work/shared/methods/aclip.md is implemented, not the released bugs (SimCLR compared view 1 with
+  itself; the teacher crop could miss parts of the views).
+- `aclip-eff` (Sec. 4.2): the teacher sees a half-resolution view (its position table resampled).
+- `attmask-high` (Table 2b): keep the least attended blocks instead (AttMask-style masking).
+- `flip` (Li et al. 2023, arXiv 2212.00794): remove a random `mask_ratio` of the patch tokens of a
+  single view; plain CLIP loss; no teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipkit.config import ConfigError, MethodConfig
+from clipkit.losses import byol_loss, clip_loss, nt_xent
+from clipkit.methods import register
+from clipkit.methods.base import Method, ViewSpec
+from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
+from clipkit.models.vit import cls_attention, forward_kept, patch_grid, require_vit
+
+BLOCK = 2  # A-CLIP keeps 2x2-patch blocks (one score per 32x32 px at patch 16)
+
+
+def map_scores_to_views(
+    scores: torch.Tensor,  # (B, r_t, c_t) teacher patch scores
+    boxes: torch.Tensor,  # (B, V, 4) each view's (x0, y0, x1, y1) in teacher-normalised coords
+    grid: tuple[int, int],  # the online views' patch grid (rows, cols)
+) -> torch.Tensor:
+    """(B, V, rows, cols): the teacher map sampled at the centre of every online patch.
+
+    Inside the teacher crop the map is bilinear with edge replication, outside it is 0, which is
+    what the released code's upsample -> zero-padded crop -> resize computes (spec Sec. 1.2).
+    (`roi_align` would instead replicate the edge half a cell past the crop, hence grid_sample.)
+    """
+    batch, views = boxes.shape[:2]
+    rows, cols = grid
+    dev = scores.device
+    u = (torch.arange(cols, device=dev, dtype=torch.float32) + 0.5) / cols  # (cols,) view coords
+    v = (torch.arange(rows, device=dev, dtype=torch.float32) + 0.5) / rows
+    x0, y0, x1, y1 = boxes.float().unbind(-1)  # (B, V) each
+    xs = (x0[..., None] + u * (x1 - x0)[..., None])[:, :, None, :].expand(-1, -1, rows, -1)
+    ys = (y0[..., None] + v * (y1 - y0)[..., None])[:, :, :, None].expand(-1, -1, -1, cols)
+    points = torch.stack([xs, ys], dim=-1).reshape(batch, views * rows, cols, 2)  # in [0, 1]
+    sampled = F.grid_sample(
+        scores[:, None].float(),
+        2 * points - 1,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )  # (B, 1, V*rows, cols)
+    inside = ((points >= 0) & (points <= 1)).all(dim=-1)  # (B, V*rows, cols)
+    return (sampled[:, 0] * inside).view(batch, views, rows, cols)
+
+
+def block_scores(patch_scores: torch.Tensor) -> torch.Tensor:
+    """(M, rows, cols) -> (M, ceil(rows/2), ceil(cols/2)) block means; on an odd grid the last
+    block row/column averages the patches it has (bilinear 2x downsampling = 2x2 mean when even)."""
+    return F.avg_pool2d(patch_scores[:, None], BLOCK, ceil_mode=True)[:, 0]
+
+
+def kept_block_count(num_blocks: int, keep_ratio: float) -> int:
+    """The released rule: `int(n * ratio) + 1` blocks (25 of 49 at 0.5), at most all of them."""
+    return min(num_blocks, int(num_blocks * keep_ratio) + 1)
+
+
+def keep_blocks(
+    blocks: torch.Tensor, grid: tuple[int, int], keep_ratio: float, highest: bool = True
+) -> torch.Tensor:
+    """(M, br, bc) block scores -> (M, K) sorted row-major patch indices of the kept blocks.
+
+    Blocks are ranked by score (ties: lower block index first) and the best are kept, the
+    least-scored ones when `highest` is False. Every sample keeps the same K tokens:
+    K = round(rows*cols * kept_blocks / blocks), i.e. 4 per kept block on even grids; on odd grids
+    the last kept block may be cut (its patches then go in row-major order).
+    """
+    rows, cols = grid
+    num, block_rows, block_cols = blocks.shape
+    n_blocks = block_rows * block_cols
+    n_keep = round(rows * cols * kept_block_count(n_blocks, keep_ratio) / n_blocks)
+    dev = blocks.device
+    order = blocks.reshape(num, n_blocks).argsort(dim=1, descending=highest, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n_blocks, device=dev).expand(num, -1))  # (M, n_blocks)
+    r, c = torch.arange(rows, device=dev), torch.arange(cols, device=dev)
+    patch_block = ((r // BLOCK)[:, None] * block_cols + (c // BLOCK)[None, :]).flatten()  # (N,)
+    within = ((r % BLOCK)[:, None] * BLOCK + (c % BLOCK)[None, :]).flatten()  # (N,)
+    key = rank[:, patch_block] * BLOCK * BLOCK + within  # (M, N): unique, grouped by block rank
+    return key.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+
+
+def _vit_tower(model: nn.Module):
+    """The model's open_clip ViT image tower; any other tower is a user error (exit 2)."""
+    try:
+        return require_vit(model.visual)
+    except TypeError as e:
+        raise ConfigError(f"{e} (token-removal methods need a ViT image tower)") from None
+
+
+def _mlp(dims: list[int], bias: bool) -> nn.Sequential:
+    """Linear(+BN+ReLU) layers, the last one plain (SLIP/BYOL heads)."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
+        layers.append(nn.Linear(d_in, d_out, bias=bias))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class ACLIPMethod(Method):
+    """A-CLIP and its ablations. The model must have an open_clip `VisionTransformer` as `.visual`.
+
+    Args:
+        cfg: keep_ratio, num_views, loss weights, SimCLR temperature, EMA schedule, attentive.
+        model: an open_clip CLIP-like model (`visual`, `encode_text`, `logit_scale`).
+        teacher_resolution: teacher view side / online view side (0.5 for A-CLIP-eff).
+        keep_highest: keep the most attended blocks (False: the least, `attmask-high`).
+        ssl_hidden_dim, ssl_embed_dim: SSL head sizes (spec: 4096 and 256, fixed in the paper).
+        freeze_patch_embed: keep the patch embedding at its initial value (MoCo v3 trick, spec
+            Sec. 6); the teacher copy follows it through the EMA, so it stays identical.
+    """
+
+    name = "aclip"
+
+    def __init__(
+        self,
+        cfg: MethodConfig,
+        model: nn.Module,
+        *,
+        teacher_resolution: float = 1.0,
+        keep_highest: bool = True,
+        ssl_hidden_dim: int = 4096,
+        ssl_embed_dim: int = 256,
+        freeze_patch_embed: bool = True,
+    ):
+        super().__init__(model)
+        visual = _vit_tower(model)
+        if cfg.num_views == 1 and cfg.simclr_weight > 0:
+            raise ConfigError("SimCLR needs two views: pass --simclr-weight 0 with --num-views 1")
+        if max(cfg.clip_weight, cfg.simclr_weight, cfg.byol_weight) <= 0:
+            raise ConfigError("A-CLIP needs at least one loss weight > 0")
+        self.cfg = cfg
+        self.keep_highest = keep_highest
+        self.grid = tuple(visual.grid_size)
+        self.teacher_size = round(visual.image_size[0] * teacher_resolution)
+        if self.teacher_size % visual.patch_size[0]:
+            raise ConfigError(
+                f"teacher view {self.teacher_size}px is not a whole number of "
+                f"{visual.patch_size[0]}px patches; pick an image size that halves cleanly"
+            )
+        if freeze_patch_embed:
+            visual.conv1.requires_grad_(False)
+        width = visual.ln_post.normalized_shape[0]  # the pooled token's size (head input)
+        self.simclr_head = None
+        if cfg.simclr_weight > 0:
+            self.simclr_head = _mlp([width, ssl_hidden_dim, ssl_hidden_dim, ssl_embed_dim], True)
+        self.byol_projector = self.byol_predictor = self.teacher_projector = None
+        if cfg.byol_weight > 0:
+            self.byol_projector = _mlp([width, ssl_hidden_dim, ssl_embed_dim], bias=False)
+            self.byol_predictor = _mlp([ssl_embed_dim, ssl_hidden_dim, ssl_embed_dim], bias=False)
+            self.teacher_projector = frozen_copy(self.byol_projector)
+        needs_teacher = cfg.attentive or cfg.byol_weight > 0
+        self.teacher_visual = frozen_copy(visual) if needs_teacher else None
+        # Kept in state_dict so a resumed run knows where the schedule stood.
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema_momentum_now", torch.tensor(float(cfg.ema_momentum)))
+
+    @property
+    def views(self) -> ViewSpec:
+        return ViewSpec(online_views=self.cfg.num_views, teacher_size=self.teacher_size)
+
+    @torch.no_grad()
+    def select_tokens(self, batch: dict) -> dict[str, torch.Tensor | None]:
+        """The teacher pass and token choice: `keep_idx` (V, B, K) patch indices per view, and
+        `attention` (B, r_t, c_t), `view_scores` (V, B, rows, cols), `teacher_pooled` (B, width)
+        where computed (None otherwise)."""
+        views = batch["views"]  # (V, B, 3, S, S)
+        num_views, batch_size = views.shape[:2]
+        out: dict[str, torch.Tensor | None] = dict(attention=None, view_scores=None)
+        out["teacher_pooled"] = None
+        teacher_image = batch["teacher_image"]
+        if self.cfg.attentive:
+            scores, out["teacher_pooled"] = cls_attention(
+                self.teacher_visual, teacher_image, return_pooled=True
+            )
+            attention = scores.view(batch_size, *patch_grid(self.teacher_visual, teacher_image))
+            view_scores = map_scores_to_views(attention, batch["boxes"], self.grid)  # (B,V,r,c)
+            out["attention"], out["view_scores"] = attention, view_scores.transpose(0, 1)
+            blocks = block_scores(out["view_scores"].flatten(0, 1))  # (V*B, br, bc)
+        else:
+            if self.byol_projector is not None:
+                _, out["teacher_pooled"] = forward_kept(
+                    self.teacher_visual, teacher_image, None, return_pooled=True
+                )
+            shape = (num_views * batch_size, -(-self.grid[0] // BLOCK), -(-self.grid[1] // BLOCK))
+            blocks = torch.rand(shape, device=views.device)  # random blocks (Table 2a)
+        keep = keep_blocks(blocks, self.grid, self.cfg.keep_ratio, self.keep_highest)
+        out["keep_idx"] = keep.view(num_views, batch_size, -1)
+        return out
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        views = batch["views"]  # (V, B, 3, S, S)
+        num_views, batch_size = views.shape[:2]
+        if num_views != cfg.num_views:
+            raise ValueError(f"batch has {num_views} views, method expects {cfg.num_views}")
+        selection = self.select_tokens(batch)
+        keep_idx = selection["keep_idx"].flatten(0, 1)  # (V*B, K), view-major like the images
+        features, pooled = forward_kept(
+            self.model.visual, views.flatten(0, 1), keep_idx, return_pooled=True
+        )  # (V*B, E), (V*B, width)
+        loss = features.new_zeros(())
+        metrics: dict[str, torch.Tensor] = {}
+        if cfg.clip_weight > 0:
+            image_features = F.normalize(features, dim=-1).view(num_views, batch_size, -1)
+            text_features = self.model.encode_text(batch["text"], normalize=True)  # once
+            logit_scale = self.model.logit_scale.exp()
+            parts = [
+                clip_loss(image_features[v], text_features, logit_scale) for v in range(num_views)
+            ]
+            loss = loss + cfg.clip_weight * torch.stack(parts).mean()  # 0.5 each for 2 views
+            metrics.update({f"clip_loss_view{v}": p.detach() for v, p in enumerate(parts)})
+            metrics["clip_loss"] = torch.stack(parts).mean().detach()
+            metrics["logit_scale"] = logit_scale.detach()
+        if self.simclr_head is not None:
+            z = self.simclr_head(pooled).view(num_views, batch_size, -1)  # BN over both views
+            simclr = nt_xent(z[0], z[1], cfg.simclr_temperature)
+            loss = loss + cfg.simclr_weight * simclr
+            metrics["simclr_loss"] = simclr.detach()
+        if self.byol_projector is not None:
+            with torch.no_grad():
+                target = self.teacher_projector(selection["teacher_pooled"])  # (B, E_ssl)
+            prediction = self.byol_predictor(self.byol_projector(pooled))  # (V*B, E_ssl)
+            byol = byol_loss(prediction, target.repeat(num_views, 1))
+            loss = loss + cfg.byol_weight * byol
+            metrics["byol_loss"] = byol.detach()
+        metrics["loss"] = loss.detach()
+        metrics["ema_momentum"] = self.ema_momentum_now.detach().clone()
+        return loss, metrics
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA update after optimizer step `step` (1-based count of steps done): momentum
+        m(step), the value the released code uses before the next forward (spec Sec. 4)."""
+        if self.teacher_visual is None:
+            return
+        m = ema_momentum(step, total_steps, self.cfg.ema_momentum, self.cfg.ema_momentum_end)
+        ema_update(self.teacher_visual, self.model.visual, m)
+        if self.teacher_projector is not None:
+            ema_update(self.teacher_projector, self.byol_projector, m)
+        self.ema_step.fill_(step)
+        self.ema_momentum_now.fill_(m)
+
+    def eval_model(self, which: str = "online") -> nn.Module:
+        """'online': the trained model. 'ema': open_clip's interface with the EMA image tower and
+        the online text tower (A-CLIP's released eval also EMA'd the text tower; we keep no text
+        EMA, since training never uses it)."""
+        if which == "online":
+            return self.model
+        if which == "ema" and self.teacher_visual is not None:
+            return EMAImageCLIP(self.model, self.teacher_visual)
+        raise ValueError(f"method '{self.name}' has no '{which}' weights; use 'online' or 'ema'")
+
+    def ema_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The online model's state dict with the EMA image tower in `visual.*` (for export)."""
+        state = dict(self.model.state_dict())
+        state.update({f"visual.{k}": v for k, v in self.teacher_visual.state_dict().items()})
+        return state
+
+
+class EMAImageCLIP(nn.Module):
+    """open_clip.CLIP's `encode_image` / `encode_text` / `forward` over an EMA image tower and an
+    online model's text tower (shared, not copied)."""
+
+    def __init__(self, model: nn.Module, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        self.online = model
+        self.output_dict = model.output_dict
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.online.logit_scale
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.online.encode_text(text, normalize=normalize)
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        scale = self.logit_scale.exp()
+        if self.output_dict:
+            return {
+                "image_features": image_features,
+                "text_features": text_features,
+                "logit_scale": scale,
+            }
+        return image_features, text_features, scale
+
+
+class FLIPMethod(Method):
+    """FLIP: CLIP on a random `mask_ratio` share of patch tokens removed (arXiv 2212.00794 Sec. 3).
+    At evaluation the model sees every token (the plain open_clip forward)."""
+
+    name = "flip"
+
+    def __init__(self, cfg: MethodConfig, model: nn.Module):
+        super().__init__(model)
+        _vit_tower(model)
+        self.mask_ratio = cfg.mask_ratio
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["image"]  # (B, 3, H, W)
+        rows, cols = patch_grid(self.model.visual, images)
+        n_patches = rows * cols
+        n_keep = n_patches - int(n_patches * self.mask_ratio)
+        keep_idx = None
+        if n_keep < n_patches:
+            noise = torch.rand(images.shape[0], n_patches, device=images.device)
+            keep_idx = noise.topk(n_keep, dim=1).indices  # (B, K) a uniform random subset
+        image_features = F.normalize(forward_kept(self.model.visual, images, keep_idx), dim=-1)
+        text_features = self.model.encode_text(batch["text"], normalize=True)
+        logit_scale = self.model.logit_scale.exp()
+        loss = clip_loss(image_features, text_features, logit_scale)
+        return loss, {"clip_loss": loss.detach(), "logit_scale": logit_scale.detach()}
+
+
+def _named(method: Method, name: str) -> Method:
+    method.name = name
+    return method
+
+
+@register("aclip")
+def _build_aclip(cfg: MethodConfig, model) -> ACLIPMethod:
+    return ACLIPMethod(cfg, model)
+
+
+@register("aclip-eff")
+def _build_aclip_eff(cfg: MethodConfig, model) -> ACLIPMethod:
+    return _named(ACLIPMethod(cfg, model, teacher_resolution=0.5), "aclip-eff")
+
+
+@register("attmask-high")
+def _build_attmask_high(cfg: MethodConfig, model) -> ACLIPMethod:
+    return _named(ACLIPMethod(cfg, model, keep_highest=False), "attmask-high")
+
+
+@register("flip")
+def _build_flip(cfg: MethodConfig, model) -> FLIPMethod:
+    return FLIPMethod(cfg, model)
