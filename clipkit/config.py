@@ -52,6 +52,8 @@ class MethodConfig:
     ema_momentum: float = 0.996  # start of the cosine momentum schedule (ends at ema_momentum_end)
     ema_momentum_end: float = 1.0
     attentive: bool = True  # A-CLIP: select by teacher attention (False: random blocks)
+    ssl_hidden_dim: int = 4096  # A-CLIP SimCLR/BYOL head widths (the paper's 4096 / 256)
+    ssl_embed_dim: int = 256
 
 
 @dataclass
@@ -65,6 +67,10 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None disables
     schedule: str = "cosine"  # cosine | constant
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
+    # MS-CLIP: parameters both modalities use get their own lr / weight decay (LR_SHARE, WD_SHARE
+    # of the released configs); None = same as the rest.
+    shared_lr: float | None = None
+    shared_weight_decay: float | None = None
 
 
 @dataclass
@@ -183,5 +189,11 @@ def validate(cfg: Config) -> Config:
     _check(0 <= m.mask_ratio < 1, "--mask-ratio must be within [0, 1)")
     _check(0 < m.keep_ratio <= 1, "--keep-ratio must be within (0, 1]")
     _check(m.num_views in (1, 2), "--num-views must be 1 or 2")
+    _check(m.ssl_hidden_dim >= 1 and m.ssl_embed_dim >= 1, "SSL head sizes must be >= 1")
+    _check(o.shared_lr is None or o.shared_lr > 0, "--shared-lr must be > 0")
+    _check(
+        o.shared_weight_decay is None or o.shared_weight_decay >= 0,
+        "--shared-weight-decay must be >= 0",
+    )
     _check(0 <= m.ema_momentum <= m.ema_momentum_end <= 1, "EMA momentum: 0 <= start <= end <= 1")
     return cfg

@@ -36,6 +36,7 @@ COMMANDS = {
     ),
     "data": ("clipkit.cli.data", "data", "Datasets: write the built-in demo data."),
     "models": ("clipkit.cli.models", "models", "List model names and presets, or describe one."),
+    "inspect": ("clipkit.cli.inspect", "inspect", "Pictures of what a model does (A-CLIP masks)."),
 }
 
 

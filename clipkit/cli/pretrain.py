@@ -58,6 +58,18 @@ FLAGS = [
         int,
         "Micro-batches per optimizer step (each micro-batch is its own contrastive problem).",
     ),
+    (
+        "--shared-lr",
+        "optim.shared_lr",
+        float,
+        "MS-CLIP: learning rate of the parameters both modalities share (default: --lr).",
+    ),
+    (
+        "--shared-weight-decay",
+        "optim.shared_weight_decay",
+        float,
+        "MS-CLIP: weight decay of the shared parameters (default: --weight-decay).",
+    ),
     ("--workers", "data.workers", int, "DataLoader workers per rank (default 2)."),
     (
         "--train-num-samples",
@@ -99,6 +111,13 @@ FLAGS = [
     ("--simclr-weight", "method.simclr_weight", float, "aclip: SimCLR loss weight (0 = off)."),
     ("--byol-weight", "method.byol_weight", float, "aclip: BYOL loss weight (0 = off)."),
     ("--ema-momentum", "method.ema_momentum", float, "aclip: start of the EMA momentum schedule."),
+    (
+        "--ssl-hidden-dim",
+        "method.ssl_hidden_dim",
+        int,
+        "aclip: hidden width of the SimCLR/BYOL heads (4096).",
+    ),
+    ("--ssl-embed-dim", "method.ssl_embed_dim", int, "aclip: output width of the SSL heads (256)."),
 ]
 SWITCHES = [
     ("--resampled/--no-resampled", "data.resampled", "Draw shards with replacement."),

@@ -341,19 +341,23 @@ def _named(method: Method, name: str) -> Method:
     return method
 
 
+def _heads(cfg: MethodConfig) -> dict:
+    return {"ssl_hidden_dim": cfg.ssl_hidden_dim, "ssl_embed_dim": cfg.ssl_embed_dim}
+
+
 @register("aclip")
 def _build_aclip(cfg: MethodConfig, model) -> ACLIPMethod:
-    return ACLIPMethod(cfg, model)
+    return ACLIPMethod(cfg, model, **_heads(cfg))
 
 
 @register("aclip-eff")
 def _build_aclip_eff(cfg: MethodConfig, model) -> ACLIPMethod:
-    return _named(ACLIPMethod(cfg, model, teacher_resolution=0.5), "aclip-eff")
+    return _named(ACLIPMethod(cfg, model, teacher_resolution=0.5, **_heads(cfg)), "aclip-eff")
 
 
 @register("attmask-high")
 def _build_attmask_high(cfg: MethodConfig, model) -> ACLIPMethod:
-    return _named(ACLIPMethod(cfg, model, keep_highest=False), "attmask-high")
+    return _named(ACLIPMethod(cfg, model, keep_highest=False, **_heads(cfg)), "attmask-high")
 
 
 @register("flip")

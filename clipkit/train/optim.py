@@ -1,9 +1,9 @@
 """Optimizer and learning-rate schedule.
 
 AdamW with no weight decay on biases, norm weights, embeddings (token, positional, class) and the
-temperature, as open_clip does. Models may declare extra groups (MS-CLIP's shared parameters take
-their own lr/wd multipliers) through `param_group_overrides()`. Schedules are pure functions of
-the step, so resume needs only the step.
+temperature, as open_clip does. Models whose towers share parameters (MS-CLIP) expose
+`shared_parameters()`; those take their own lr / weight decay when the config sets them.
+Schedules are pure functions of the step, so resume needs only the step.
 """
 
 from __future__ import annotations
@@ -34,22 +34,35 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return not any(part in _NO_DECAY_NAMES for part in leaf) and "norm" not in name.lower()
 
 
-def param_groups(module: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters split into decay / no-decay groups (plus model-declared overrides)."""
-    overrides = {}
+def _shared_ids(module: nn.Module) -> set[int]:
+    """Parameters both modalities use (MS-CLIP); empty for separate-encoder models."""
     model = getattr(module, "model", module)
-    if hasattr(model, "param_group_overrides"):
-        overrides = model.param_group_overrides()  # {param name prefix-free id: (lr_mult, wd_mult)}
+    if not hasattr(model, "shared_parameters"):
+        return set()
+    return {id(p) for p in model.shared_parameters()}
+
+
+def param_groups(module: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters grouped by (lr multiplier, weight decay).
+
+    Shared parameters take `cfg.shared_lr` / `cfg.shared_weight_decay` where set; the lr
+    multiplier keeps them on the same warmup/cosine schedule as the rest.
+    """
+    shared = _shared_ids(module)
     groups: dict[tuple, dict] = {}
     seen: set[int] = set()
     for name, p in module.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        lr_mult, wd_mult = overrides.get(id(p), (1.0, 1.0))
-        wd = cfg.weight_decay * wd_mult if decays(name, p) else 0.0
-        key = (lr_mult, wd)
-        group = groups.setdefault(key, {"params": [], "weight_decay": wd, "lr_mult": lr_mult})
+        lr_mult, wd = 1.0, cfg.weight_decay
+        if id(p) in shared:
+            lr_mult = (cfg.shared_lr or cfg.lr) / cfg.lr
+            wd = cfg.weight_decay if cfg.shared_weight_decay is None else cfg.shared_weight_decay
+        wd = wd if decays(name, p) else 0.0
+        group = groups.setdefault(
+            (lr_mult, wd), {"params": [], "weight_decay": wd, "lr_mult": lr_mult}
+        )
         group["params"].append(p)
     return list(groups.values())
 
