@@ -210,6 +210,9 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pretrained weights file not found: {p}")
+    if hasattr(model, "load_weights_file"):  # families with their own layouts (MS-CLIP)
+        model.load_weights_file(str(p))
+        return
     from open_clip.factory import load_checkpoint
 
     try:
