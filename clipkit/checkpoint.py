@@ -44,6 +44,19 @@ def save(state: dict, path: str | Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def link_latest(src: Path, latest: Path) -> None:
+    """Point `latest` at `src` atomically (a hard link; a copy where links are unsupported)."""
+    tmp = latest.with_name(f".{latest.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, latest)
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint file, or a run directory / checkpoints directory meaning its latest.pt."""
     p = Path(path)

@@ -24,6 +24,15 @@ class RunLog:
             except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
                 log.warning("tensorboard not installed: no event files")
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records a killed run logged past its last checkpoint."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

@@ -79,7 +79,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
         state = TrainState()
         optimizer = build_optimizer(method, cfg.optim, device)
         if saved is not None:
-            state = _restore(saved, method, optimizer, dist)
+            state = _restore(saved, method, optimizer, dist, cfg.data.workers)
         loader, info = build_loader(
             cfg.data,
             cfg.model.arch,
@@ -111,7 +111,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     return summary
 
 
-def _restore(saved: dict, method, optimizer, dist: DistInfo) -> TrainState:
+def _restore(saved: dict, method, optimizer, dist: DistInfo, workers: int) -> TrainState:
     method.model.load_state_dict(saved["model"])
     method.load_extra_state(saved["method_state"])
     optimizer.load_state_dict(saved["optimizer"])

@@ -57,6 +57,7 @@ class Trainer:
         self.device, self.run_dir, self.state = device, run_dir, state
         self.engine = self._wrap_ddp(method)
         self.runlog = RunLog(run_dir, dist.is_main)
+        self.runlog.truncate_after(state.step)
         self.stop_requested: str | None = None
         self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps
 
@@ -283,12 +284,13 @@ class Trainer:
             "samples_seen": self.state.samples_seen,
             "data_position": positions,
             "world_size": self.dist.world_size,
+            "workers": self.cfg.data.workers,
             "rng": {"torch": torch.get_rng_state()},
         }
         ckpt_dir = self.run_dir / "checkpoints"
         step_path = ckpt_dir / f"step-{self.state.step}.pt"
         checkpoint.save(state, step_path)
-        checkpoint.save(state, ckpt_dir / "latest.pt")
+        checkpoint.link_latest(step_path, ckpt_dir / "latest.pt")
         self._prune(ckpt_dir)
         return step_path
 

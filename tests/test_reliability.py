@@ -1,0 +1,136 @@
+"""Runs that get killed, preempted or fed bad checkpoints lose nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipkit import checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def _cmd(data, out, steps, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "clipkit",
+        "pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "test",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+        "--log-every",
+        "1",
+        "--shuffle-buffer",
+        "50",
+        *map(str, extra),
+    ]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, demo_root):
+    data = demo_root / "train"
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(data, ref, 12, "--save-every", 5), check=True, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(data, run, 12, "--save-every", 5), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    _wait_for(run / "checkpoints" / "latest.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_step = checkpoint.load(run)["step"]
+    assert saved_step in (5, 10)
+    subprocess.run(
+        _cmd(data, run, 12, "--save-every", 5, "--resume"), check=True, capture_output=True
+    )
+    want, got = _losses(ref), _losses(run)
+    assert sorted(got) == list(range(1, 13))
+    assert all(got[s] == want[s] for s in range(1, 13)), (want, got)  # bit-identical
+    a, b = checkpoint.load(ref), checkpoint.load(run)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, demo_root):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(demo_root / "train", run, 100000, "--save-every", 100000),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for(run / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"--resume" in out
+    state = checkpoint.load(run)
+    assert 1 <= state["step"] < 100000
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    checkpoint.save({"config": {}, "step": 1}, path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        checkpoint.save({"config": {}, "step": 2}, path)
+    assert path.read_bytes() == before and checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+def test_untrusted_or_corrupt_checkpoints_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "config": {}, "x": Evil()}, evil)
+    with pytest.raises(checkpoint.CheckpointError, match="pickled objects"):
+        checkpoint.load(evil)
+    good = tmp_path / "good.pt"
+    checkpoint.save({"config": {}, "model": {"w": torch.ones(1000)}}, good)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(checkpoint.CheckpointError, match="not a clipkit checkpoint"):
+        checkpoint.load(foreign)
