@@ -27,6 +27,7 @@ class DataConfig:
     text_key: str = "txt"
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is unusable
     max_pixels: int = 89_478_485  # larger images are skipped (decompression-bomb guard)
+    stall_timeout: float = 600.0  # seconds without a batch before the run stops (workers >= 1)
 
 
 @dataclass
@@ -163,6 +164,8 @@ def validate(cfg: Config) -> Config:
     _check(d.workers >= 0, "--workers must be >= 0")
     _check(d.shuffle_buffer >= 0, "shuffle buffer must be >= 0")
     _check(0 <= d.max_bad_fraction <= 1, "--max-bad-fraction must be within [0, 1]")
+    _check(d.stall_timeout > 0, "--stall-timeout must be > 0")
+    _check(d.max_pixels > 0, "--max-pixels must be > 0")
     _check(
         d.train_num_samples is None or d.train_num_samples > 0, "--train-num-samples must be > 0"
     )

@@ -134,3 +134,144 @@ def test_untrusted_or_corrupt_checkpoints_are_refused(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(checkpoint.CheckpointError, match="not a clipkit checkpoint"):
         checkpoint.load(foreign)
+
+
+def _all_bad_shard(path: Path, n: int = 40) -> None:
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as tw:
+        for i in range(n):
+            tw.write({"__key__": f"bad{i:04d}", "jpg": b"garbage", "txt": b"caption"})
+
+
+def test_stalled_worker_stops_with_a_clear_error(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _all_bad_shard(folder / "a.tar")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipkit",
+            "pretrain",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            "test",
+            "--steps",
+            "3",
+            "--workers",
+            "1",
+            "--train-num-samples",
+            "40",
+            "--batch-size",
+            "8",
+            "--stall-timeout",
+            "4",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no batch for 4s from data worker 0") and "a.tar" in last
+
+
+def test_too_much_bad_data_stops_the_run(tmp_path, demo_root):
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(demo_root / "train", folder)
+    for i in range(4):
+        _all_bad_shard(folder / f"zz-bad-{i}.tar", n=128)
+    (folder / "sizes.json").unlink()
+    res = subprocess.run(
+        _cmd(
+            folder,
+            tmp_path / "run",
+            50,
+            "--train-num-samples",
+            1024,
+            "--log-every",
+            2,
+            "--shuffle-buffer",
+            10,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "--max-bad-fraction" in last and "undecodable_image" in last and "zz-bad-" in last
+
+
+def test_dying_rank_does_not_hang_the_other(tmp_path, demo_root):
+    """One rank's data stalls and it exits; the other rank must not wait forever."""
+    import shutil
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shutil.copy(demo_root / "train" / "shard-000000.tar", folder / "a.tar")
+    _all_bad_shard(folder / "b.tar")
+    t0 = time.time()
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clipkit",
+            "pretrain",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            "test",
+            "--steps",
+            "20",
+            "--workers",
+            "1",
+            "--batch-size",
+            "8",
+            "--train-num-samples",
+            "160",
+            "--stall-timeout",
+            "5",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert res.returncode != 0
+    assert time.time() - t0 < 150
+    assert "no batch for 5s from data worker 0" in res.stderr
+
+
+def test_data_check_counts_and_writes_sizes(tmp_path, demo_root):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from clipkit.cli.main import cli
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shutil.copy(demo_root / "train" / "shard-000000.tar", folder / "a.tar")
+    _all_bad_shard(folder / "b.tar", n=7)
+    res = CliRunner().invoke(cli, ["data", "check", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout[res.stdout.index("{") :])
+    assert report["samples"] == 128 and report["bad_by_reason"] == {"undecodable_image": 7}
+    assert json.loads((folder / "sizes.json").read_text()) == {"a.tar": 128, "b.tar": 0}

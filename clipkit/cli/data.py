@@ -9,7 +9,7 @@ from clipkit.cli.main import run_guarded
 
 @click.group()
 def data():
-    """Datasets: write the built-in demo data."""
+    """Datasets: write the built-in demo data; check shards before training."""
 
 
 @data.command()
@@ -49,3 +49,54 @@ def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size
     for key, value in summary.items():
         if isinstance(value, (int, str)):
             click.echo(f"  {key}: {value}")
+
+
+@data.command()
+@click.argument("shards")
+@click.option(
+    "--image-key",
+    default="jpg;jpeg;png;webp",
+    show_default=True,
+    help="Image member extensions, ';'-separated.",
+)
+@click.option("--text-key", default="txt", show_default=True, help="Caption member extension.")
+@click.option(
+    "--max-pixels",
+    default=89_478_485,
+    show_default=True,
+    help="Images with more pixels count as bad (decompression-bomb guard).",
+)
+@click.option("--no-sizes", is_flag=True, help="Do not write sizes.json next to the shards.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(shards, image_key, text_key, max_pixels, no_sizes, as_json):
+    """Read every shard of SHARDS (a directory, brace pattern or '::'-joined list): count samples
+    and bad samples by reason, summarise image sizes and caption lengths, and write sizes.json
+    (samples per shard, what `clipkit pretrain` reads for the epoch length)."""
+    import json
+
+    from clipkit.data.check import check_shards
+    from clipkit.data.sources import expand_sources
+
+    urls = run_guarded(expand_sources, shards)
+    report = check_shards(urls, image_key, text_key, max_pixels, write_sizes=not no_sizes)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(
+        f"{report['shards']} shard(s), {report['samples']} good samples, "
+        f"{report['bad_samples']} bad"
+    )
+    for reason, n in sorted(report["bad_by_reason"].items()):
+        click.echo(f"  bad: {reason}: {n}")
+    click.echo(
+        "  image short side: "
+        + ", ".join(f"{k}: {v}" for k, v in report["image_short_side"].items())
+    )
+    if report["caption_words"]:
+        w = report["caption_words"]
+        click.echo(
+            f"  caption words: min {w['min']}, median {w['median']}, mean {w['mean']:.1f}, "
+            f"max {w['max']}"
+        )
+    for path in report["sizes_json"]:
+        click.echo(f"  wrote {path}")

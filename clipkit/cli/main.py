@@ -24,7 +24,7 @@ COMMANDS = {
         "Zero-shot classification (ImageNet, folders, CLIP_benchmark WDS, demo).",
     ),
     "retrieve": (
-        "clipkit.cli.evaluate",
+        "clipkit.cli.retrieve",
         "retrieve",
         "FAISS index: build, search, evaluate retrieval.",
     ),
@@ -82,12 +82,9 @@ def user_errors():
     from clipkit.config import ConfigError
 
     types: list[type] = [ConfigError, CheckpointError, FileNotFoundError]
-    try:
-        from clipkit.index import IndexMismatchError
-
-        types.append(IndexMismatchError)
-    except ImportError:
-        pass
+    index = sys.modules.get("clipkit.index")  # only loaded (with faiss) by retrieval commands
+    if index is not None:
+        types.append(index.IndexMismatchError)
     return tuple(types)
 
 

@@ -92,6 +92,13 @@ FLAGS = [
         int,
         "Skip images with more pixels (decompression-bomb guard).",
     ),
+    (
+        "--stall-timeout",
+        "data.stall_timeout",
+        float,
+        "Stop with an error naming the data worker "
+        "and its shards when no batch arrives for this many seconds (default 600).",
+    ),
     ("--seed", "run.seed", int, "Seed of the model init, data order and augmentations."),
     ("--device", "run.device", str, "auto (default), cpu, cuda or cuda:N."),
     (
@@ -205,7 +212,12 @@ def pretrain(config_file, resume, **kwargs):
 
     cfg = run_guarded(resolve_config, config_file, resume, overrides_from_flags(kwargs))
     run_guarded(validate, cfg)
-    summary = run_guarded(run_pretrain, cfg, resume=resume)
+    from clipkit.train.trainer import TrainingError
+
+    try:
+        summary = run_guarded(run_pretrain, cfg, resume=resume)
+    except TrainingError as e:
+        fail(str(e), code=1)
     _report(summary)
 
 

@@ -130,5 +130,11 @@ def build_loader(
         start=dict(position.workers),
         worker_offset=position.batches % workers,
     )
-    loader = make_loader(spec, SampleTransform(arch, views), Collate(tokenizer), pin_memory)
+    loader = make_loader(
+        spec,
+        SampleTransform(arch, views),
+        Collate(tokenizer),
+        pin_memory,
+        stall_timeout=cfg.stall_timeout,
+    )
     return loader, LoaderInfo(urls, num_samples, per_worker * workers)

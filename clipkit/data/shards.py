@@ -73,13 +73,18 @@ class ShardStream(IterableDataset):
 
     # -- raw stream (no decoding) ------------------------------------------------------------
     def _shards(self, epoch: int, stream_id: int, n_streams: int, rep: int) -> list[str]:
+        """This stream's shards for a pass: a share fixed per epoch (split by rank, then worker),
+        in an order reshuffled on every further pass; or, resampled, drawn with replacement."""
         s = self.spec
         if s.resampled:
             rng = random.Random(seed_for(s.seed, epoch, stream_id, rep, 1))
             return [rng.choice(s.urls) for _ in range(max(1, len(s.urls) // n_streams))]
         order = list(s.urls)
-        random.Random(seed_for(s.seed, epoch, rep, 2)).shuffle(order)
-        return order[stream_id::n_streams]
+        random.Random(seed_for(s.seed, epoch, 2)).shuffle(order)
+        mine = order[stream_id::n_streams]
+        if rep:
+            random.Random(seed_for(s.seed, epoch, stream_id, rep, 5)).shuffle(mine)
+        return mine
 
     def _raw(self, epoch: int, stream_id: int, n_streams: int, bad: Counter) -> Iterator[dict]:
         from webdataset.tariterators import tarfile_samples
@@ -159,6 +164,12 @@ class ShardStream(IterableDataset):
                 pending = []
                 yield batch
 
+    def worker_shards(self, logical: int, epoch: int) -> list[str]:
+        """The shards a logical worker of this rank reads first in an epoch (for messages)."""
+        n_workers = max(self.spec.num_workers, 1)
+        stream_id = self.spec.rank * n_workers + logical
+        return self._shards(epoch, stream_id, self.spec.world_size * n_workers, 0)
+
     def __iter__(self) -> Iterator[dict]:
         s = self.spec
         info = get_worker_info()
@@ -179,7 +190,9 @@ def batches_per_worker(num_samples: int, batch_size: int, world: int, workers: i
     return max(1, math.ceil(per_rank / max(workers, 1)))
 
 
-def make_loader(spec: StreamSpec, sample_fn, collate_fn, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    spec: StreamSpec, sample_fn, collate_fn, pin_memory: bool = False, stall_timeout: float = 0.0
+) -> DataLoader:
     workers = spec.num_workers
     return DataLoader(
         ShardStream(spec, sample_fn, collate_fn),
@@ -189,4 +202,5 @@ def make_loader(spec: StreamSpec, sample_fn, collate_fn, pin_memory: bool = Fals
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         in_order=True,
+        timeout=stall_timeout if workers > 0 else 0,
     )

@@ -14,7 +14,7 @@ from clipkit.config import Config, ConfigError, save_yaml, validate
 from clipkit.data.pipeline import DataPosition, build_loader
 from clipkit.distributed import DistInfo
 from clipkit.train.logging import log
-from clipkit.train.trainer import Trainer, TrainState
+from clipkit.train.trainer import Trainer, TrainingError, TrainState
 
 
 def pick_device(name: str, dist: DistInfo) -> torch.device:
@@ -103,6 +103,12 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
             cfg, method, optimizer, loader, total_steps(cfg), dist, device, run_dir, state
         )
         summary = trainer.fit()
+    except torch.distributed.DistError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise TrainingError(
+            f"rank {dist.rank} lost contact with another rank, which probably failed (see its "
+            f"log): {first}"
+        ) from None
     finally:
         distributed.cleanup()
     summary["run_dir"] = str(run_dir)

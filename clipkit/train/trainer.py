@@ -129,7 +129,7 @@ class Trainer:
         accum = cfg.optim.accum_steps
         for micro in range(accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = self._next_batch(batches)
             wait += time.perf_counter() - t0
             self._account_data(batch)
             batch = self._to_device(batch)
@@ -150,6 +150,23 @@ class Trainer:
         self.method.after_step(state.step, self.total_steps)
         self._clamp_logit_scale()
         return parts_sum, wait
+
+    def _next_batch(self, batches) -> dict:
+        try:
+            return next(batches)
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            workers = max(self.cfg.data.workers, 1)
+            logical = self.state.position.batches % workers
+            epoch = self.state.position.workers.get(logical, [0])[0]
+            shards = self.loader.dataset.worker_shards(logical, epoch)
+            names = ", ".join(Path(u).name for u in shards[:4])
+            raise TrainingError(
+                f"no batch for {self.cfg.data.stall_timeout:g}s from data worker {logical} of "
+                f"rank {self.dist.rank} (epoch {epoch}, shards {names}); check those shards "
+                "(`clipkit data check`) or raise --stall-timeout"
+            ) from None
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Skip the update on a non-finite loss; stop after several in a row."""
@@ -242,14 +259,29 @@ class Trainer:
 
     def _check_bad_fraction(self, bad: int, seen: int) -> None:
         limit = self.cfg.data.max_bad_fraction
-        if seen >= 100 and bad / seen > limit:
-            worst = ", ".join(
-                f"{Path(s).name} ({n})" for s, n in self.state.bad_shards.most_common(3)
-            )
-            raise TrainingError(
-                f"{bad} of {seen} samples were unusable ({bad / seen:.1%} > --max-bad-fraction "
-                f"{limit:.1%}); reasons {dict(self.state.bad)}; worst shards: {worst}"
-            )
+        if seen < 100 or bad / seen <= limit:
+            return
+        reasons, shards = self._gather_bad()
+        worst = ", ".join(f"{Path(s).name} ({n})" for s, n in shards.most_common(3))
+        raise TrainingError(
+            f"{bad} of {seen} samples were unusable ({bad / seen:.1%} > --max-bad-fraction "
+            f"{limit:.1%}); reasons {dict(reasons)}; worst shards: {worst}"
+        )
+
+    def _gather_bad(self) -> tuple[Counter, Counter]:
+        """Bad-sample reasons and shards over all ranks (only when about to stop)."""
+        mine = (dict(self.state.bad), dict(self.state.bad_shards))
+        parts = [mine]
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            parts = [None] * self.dist.world_size
+            tdist.all_gather_object(parts, mine)
+        reasons, shards = Counter(), Counter()
+        for r, s in parts:
+            reasons.update(r)
+            shards.update(s)
+        return reasons, shards
 
     def _agree_to_stop(self) -> bool:
         """A signal on any rank stops every rank at the same step."""
