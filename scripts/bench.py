@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Side-by-side benchmarks: clipkit against the tool a user would otherwise pick, on the same
+inputs, alternating, several repeats, medians and the ratio. Prints a table and writes JSON.
+
+    .venv/bin/python scripts/bench.py --quick            # a few minutes on 2 cores
+    .venv/bin/python scripts/bench.py --rows train,data  # choose rows; full mode without --quick
+
+Rows: train (clipkit pretrain vs open_clip_train.main), data (clipkit loader vs open_clip's
+get_wds_dataset), mfu (model FLOPs x samples/s over measured fp32 matmul rate), index (auto index
+vs exact flat search on synthetic clustered vectors). The open_clip reference runs in its own venv
+(.venv-openclip, made by scripts/setup_reference.sh) because open_clip_torch[training] pins an old
+webdataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = ROOT / ".venv" / "bin" / "python"
+REF_PY = ROOT / ".venv-openclip" / "bin" / "python"
+BENCH_DIR = ROOT / ".bench"
+# The issue's reference architecture: image 32, patch 4, width 128, 4+4 layers, embed 128, ctx 32.
+TINY = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
+}
+
+
+def demo_data() -> Path:
+    data = BENCH_DIR / "data"
+    if not (data / "demo.json").is_file():
+        subprocess.run(
+            [
+                str(PY),
+                "-m",
+                "clipkit",
+                "data",
+                "demo",
+                "--out",
+                str(data),
+                "--train-samples",
+                "5000",
+                "--eval-samples",
+                "1000",
+                "--probe-train-samples",
+                "500",
+                "--shard-size",
+                "1000",
+            ],
+            check=True,
+        )
+    return data / "train"
+
+
+def shard_pattern(folder: Path) -> str:
+    names = sorted(p.name for p in folder.glob("shard-*.tar"))
+    first, last = names[0][6:12], names[-1][6:12]
+    return str(folder / f"shard-{{{first}..{last}}}.tar")
+
+
+def _median_after_warmup(values: list[float]) -> float:
+    return statistics.median(values[1:] if len(values) > 2 else values)
+
+
+def run_clipkit_train(shards: Path, model_json: Path, steps: int, batch: int, workers: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="bench-clipkit-"))
+    cmd = [
+        str(PY),
+        "-m",
+        "clipkit",
+        "pretrain",
+        "--data",
+        str(shards),
+        "--out",
+        str(out / "run"),
+        "--model",
+        str(model_json),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--workers",
+        str(workers),
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "10",
+        "--log-every",
+        "10",
+        "--save-every",
+        str(10 * steps),
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(cmd, check=True, capture_output=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)
+    return {
+        "samples_per_s": _median_after_warmup([r["samples_per_s"] for r in recs]),
+        "data_wait_frac": _median_after_warmup([r["data_wait_frac"] for r in recs]),
+        "peak_rss_mb": max(peak, before) / 1024,
+    }
+
+
+def run_open_clip_train(shards: Path, steps: int, batch: int, workers: int) -> dict:
+    import site  # noqa: F401  (the reference venv's open_clip holds the model config)
+
+    cfg_dir = next(
+        (ROOT / ".venv-openclip" / "lib").glob("python3*/site-packages/open_clip/model_configs")
+    )
+    (cfg_dir / "clipkit-bench-tiny.json").write_text(json.dumps(TINY))
+    out = Path(tempfile.mkdtemp(prefix="bench-openclip-"))
+    cmd = [
+        str(REF_PY),
+        "-m",
+        "open_clip_train.main",
+        "--train-data",
+        shard_pattern(shards),
+        "--train-num-samples",
+        str(steps * batch),
+        "--dataset-type",
+        "webdataset",
+        "--batch-size",
+        str(batch),
+        "--workers",
+        str(workers),
+        "--model",
+        "clipkit-bench-tiny",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "10",
+        "--log-every-n-steps",
+        "10",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--logs",
+        str(out),
+        "--name",
+        "bench",
+        "--report-to",
+        "",
+        "--seed",
+        "0",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+    log = res.stdout + res.stderr
+    shutil.rmtree(out)
+    if res.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed:\n{log[-3000:]}")
+    times = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
+    return {"samples_per_s": _median_after_warmup([batch / t for t in times])}
+
+
+def row_train(quick: bool, repeats: int) -> dict:
+    shards = demo_data()
+    model_json = BENCH_DIR / "tiny.json"
+    model_json.write_text(json.dumps(TINY))
+    steps = 60 if quick else 200
+    ours, ref, mem = [], [], []
+    for _ in range(repeats):
+        r = run_clipkit_train(shards, model_json, steps, 100, 2)
+        ours.append(r["samples_per_s"])
+        mem.append(r["peak_rss_mb"])
+        ref.append(run_open_clip_train(shards, steps, 100, 2)["samples_per_s"])
+    return _row(
+        "training samples/s (tiny CLIP, batch 100, 2 workers, fp32)",
+        ours,
+        ref,
+        extra={"clipkit_peak_rss_mb": max(mem)},
+    )
+
+
+def row_data(quick: bool, repeats: int) -> dict:
+    shards = demo_data()
+    batches = 20 if quick else 60
+    args = [shard_pattern(shards), "5000", "2", "100", "32", str(batches)]
+    ours, ref = [], []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [str(PY), str(ROOT / "scripts/bench/clipkit_loader.py"), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        ours.append(json.loads(out.strip().splitlines()[-1])["samples_per_s"])
+        out = subprocess.run(
+            [str(REF_PY), str(ROOT / "scripts/bench/reference_loader.py"), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        ref.append(json.loads(out.strip().splitlines()[-1])["samples_per_s"])
+    return _row("data loading samples/s (decode+augment, 2 workers)", ours, ref)
+
+
+def row_mfu(quick: bool, repeats: int) -> dict:
+    out = subprocess.run(
+        [str(PY), str(ROOT / "scripts/bench/mfu.py"), "--quick" if quick else "--full"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def row_index(quick: bool, repeats: int) -> dict:
+    n = 100_000 if quick else 1_000_000
+    out = subprocess.run(
+        [str(PY), str(ROOT / "scripts/bench/index_bench.py"), str(n)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _row(name: str, ours: list[float], ref: list[float], extra: dict | None = None) -> dict:
+    a, b = statistics.median(ours), statistics.median(ref)
+    return {
+        "row": name,
+        "clipkit": a,
+        "reference": b,
+        "ratio": a / b,
+        "clipkit_runs": ours,
+        "reference_runs": ref,
+        **(extra or {}),
+    }
+
+
+ROWS = {"train": row_train, "data": row_data, "mfu": row_mfu, "index": row_index}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="Small sizes, 2 repeats (a few minutes).")
+    ap.add_argument("--rows", default="train,data,mfu,index", help="Comma-separated rows.")
+    ap.add_argument("--repeats", type=int, default=None, help="Alternating repeats per row.")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench-results.json"), help="JSON output.")
+    args = ap.parse_args()
+    if not REF_PY.exists() and {"train", "data"} & set(args.rows.split(",")):
+        subprocess.run(["bash", str(ROOT / "scripts/setup_reference.sh")], check=True)
+    repeats = args.repeats or (2 if args.quick else 3)
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "quick": args.quick,
+        "rows": [],
+    }
+    for name in args.rows.split(","):
+        row = ROWS[name](args.quick, repeats)
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print("\n| row | clipkit | reference | ratio |\n|---|---|---|---|")
+    for r in results["rows"]:
+        print(f"| {r['row']} | {r['clipkit']:.4g} | {r['reference']:.4g} | {r['ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
