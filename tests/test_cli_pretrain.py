@@ -205,3 +205,60 @@ def test_models_command(tmp_path):
     res = run_cli("models", "tiny")
     assert res.exit_code == 0 and "7,962,625" in res.output
     _assert_user_error(run_cli("models", "nope-net"), "unknown model")
+
+
+def test_json_config_and_pretrained_weights(tmp_path, demo_root):
+    arch = factory.resolve_arch(factory.ModelConfig(name="test"))
+    cfg_file = tmp_path / "my-model.json"
+    cfg_file.write_text(json.dumps(arch["model_cfg"]))
+    res = run_cli("models", cfg_file)
+    assert res.exit_code == 0 and "total" in res.output
+    torch.manual_seed(123)
+    start = factory.build_from_arch(arch)
+    weights = tmp_path / "weights.pt"
+    torch.save(start.state_dict(), weights)
+    run = tmp_path / "run"
+    res = run_cli(
+        "pretrain",
+        "--data",
+        demo_root / "train",
+        "--out",
+        run,
+        "--model",
+        cfg_file,
+        "--pretrained",
+        weights,
+        "--steps",
+        1,
+        "--batch-size",
+        8,
+        "--workers",
+        1,
+        "--lr",
+        "1e-12",
+        "--warmup",
+        0,
+        "--grad-clip",
+        "1e-12",
+    )
+    assert res.exit_code == 0, res.output
+    trained = checkpoint.load(run)["model"]
+    # one step at lr ~0 leaves the pretrained weights (to float precision)
+    for k, v in start.state_dict().items():
+        torch.testing.assert_close(trained[k], v, atol=1e-6, rtol=0)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, wrong)
+    res = run_cli(
+        "pretrain",
+        "--data",
+        demo_root / "train",
+        "--out",
+        tmp_path / "r2",
+        "--model",
+        cfg_file,
+        "--pretrained",
+        wrong,
+        "--steps",
+        1,
+    )
+    _assert_user_error(res, "do not fit this model")

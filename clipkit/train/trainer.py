@@ -56,6 +56,8 @@ class Trainer:
         self.loader, self.total_steps, self.dist = loader, total_steps, dist
         self.device, self.run_dir, self.state = device, run_dir, state
         self.engine = self._wrap_ddp(method)
+        if cfg.run.compile:
+            self.engine = torch.compile(self.engine)
         self.runlog = RunLog(run_dir, dist.is_main)
         self.runlog.truncate_after(state.step)
         self.stop_requested: str | None = None
