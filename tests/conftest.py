@@ -29,3 +29,25 @@ def demo_root(tmp_path_factory):
         shard_size=128,
     )
     return root
+
+
+# ---- evaluation tests (issue 3): one tiny trained checkpoint per test worker ----
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(demo_root, tmp_path_factory):
+    """A run directory holding a `test`-preset CLIP trained for 12 steps on the demo train split."""
+    from clipkit.config import Config
+    from clipkit.train.run import pretrain
+
+    run = tmp_path_factory.mktemp("eval-run") / "run"
+    cfg = Config.from_dict(
+        {
+            "data": {"data": str(demo_root / "train"), "batch_size": 32, "workers": 1},
+            "model": {"name": "test"},
+            "optim": {"lr": 1e-3, "warmup": 2},
+            "run": {"out": str(run), "steps": 12, "seed": 0, "device": "cpu", "threads": 1},
+        }
+    )
+    pretrain(cfg)
+    return run

@@ -1,37 +1,324 @@
-"""Evaluation commands (zero-shot, retrieve, probe, export)."""
+"""Evaluation commands: `clipkit zero-shot`, `clipkit probe`, `clipkit export` (and the options
+they share with `clipkit retrieve`). Each parses, calls one library function, prints."""
 
 from __future__ import annotations
 
+import json
+
 import click
 
-from clipkit.cli.main import fail
+from clipkit.cli.main import fail, run_guarded
 
-_PENDING = "not yet available in this version (evaluation lands with issue #3)"
-
-
-@click.command(name="zero-shot", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def zero_shot(args):
-    """Zero-shot classification."""
-    fail(f"zero-shot: {_PENDING}")
+DATASET_CHOICE = click.Choice(["imagenet", "folder", "wds", "demo"])
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def retrieve(args):
-    """FAISS retrieval."""
-    fail(f"retrieve: {_PENDING}")
+def model_options(fn):
+    """--checkpoint | --model [--pretrained], --weights."""
+    options = [
+        click.option(
+            "--checkpoint",
+            "-c",
+            type=str,
+            help="clipkit checkpoint file, or a run directory (uses its checkpoints/latest.pt).",
+        ),
+        click.option(
+            "--model",
+            type=str,
+            help="open_clip model instead of a checkpoint: NAME (with --pretrained FILE) or "
+            "local-dir:DIR (an open_clip / `clipkit export` folder).",
+        ),
+        click.option("--pretrained", type=str, help="Local open_clip weights file for --model."),
+        click.option(
+            "--weights",
+            type=click.Choice(["online", "ema"]),
+            default="online",
+            show_default=True,
+            help="Which weights of the checkpoint: the trained ones, or the EMA copy (A-CLIP).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def probe(args):
-    """Linear probe."""
-    fail(f"probe: {_PENDING}")
+def run_options(fn):
+    """--batch-size, --workers, --device, --output."""
+    options = [
+        click.option("--batch-size", default=64, show_default=True, help="Images per batch."),
+        click.option(
+            "--workers", default=2, show_default=True, help="Data loader worker processes."
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (CUDA if present), cpu, cuda or cuda:N.",
+        ),
+        click.option(
+            "--max-bad-fraction",
+            default=0.01,
+            show_default=True,
+            help="Unreadable images are skipped and counted; stop if more than this share is.",
+        ),
+        click.option(
+            "--output",
+            "-o",
+            type=click.Path(dir_okay=False),
+            help="Write the results JSON (CLIP_benchmark's shape + a clipkit block) here.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def export(args):
-    """Export to open_clip."""
-    fail(f"export: {_PENDING}")
+def dataset_options(fn):
+    options = [
+        click.argument("dataset", type=DATASET_CHOICE),
+        click.option(
+            "--data-root",
+            required=True,
+            type=str,
+            help="Dataset directory (imagenet: synset folders; folder: ImageFolder tree; wds: "
+            "CLIP_benchmark layout; demo: a `clipkit data demo` folder).",
+        ),
+        click.option(
+            "--task",
+            type=click.Choice(["shape", "colour"]),
+            default="shape",
+            show_default=True,
+            help="demo only: classify shapes or colours.",
+        ),
+        click.option(
+            "--templates",
+            type=click.Path(dir_okay=False),
+            help="Prompt templates file, one per line with {c} for the class name.",
+        ),
+        click.option(
+            "--classnames",
+            type=click.Path(dir_okay=False),
+            help="Class names file, one per line in class-index order (folder, wds).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def load_for_eval(checkpoint, model, pretrained, weights, device):
+    """Validate the model flags up front, then load; returns (LoadedModel, torch.device)."""
+    from clipkit.eval.loading import load_model, pick_device
+
+    dev = run_guarded(pick_device, device)
+    loaded = run_guarded(
+        load_model,
+        checkpoint=checkpoint,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        device=dev,
+    )
+    return loaded, dev
+
+
+def write_output(output, result) -> None:
+    if output:
+        from clipkit.eval.results import write_json
+
+        write_json(output, result)
+        click.echo(f"results: {output}")
+
+
+def _metric_rows(metrics: dict) -> list:
+    return [(name, value) for name, value in metrics.items() if isinstance(value, float)]
+
+
+@click.command(name="zero-shot")
+@dataset_options
+@click.option("--split", default="test", show_default=True, help="Split folder (wds, demo).")
+@model_options
+@run_options
+def zero_shot(
+    dataset,
+    data_root,
+    task,
+    templates,
+    classnames,
+    split,
+    checkpoint,
+    model,
+    pretrained,
+    weights,
+    batch_size,
+    workers,
+    device,
+    max_bad_fraction,
+    output,
+):
+    """Zero-shot classification: top-1, top-5 and mean per-class recall.
+
+    \b
+    Examples:
+      clipkit zero-shot demo --data-root demo_data --checkpoint runs/demo
+      clipkit zero-shot imagenet --data-root /data/imagenet --model ViT-B-32 --pretrained w.pt
+      clipkit zero-shot wds --data-root /data/wds_cifar10 --checkpoint runs/x -o cifar10.json
+    """
+    from clipkit.data.eval_sets import classification_set
+    from clipkit.eval.results import table
+    from clipkit.eval.zero_shot import run_zero_shot
+
+    loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
+    data = run_guarded(
+        classification_set,
+        dataset,
+        data_root,
+        split,
+        loaded.preprocess,
+        task=task,
+        templates_file=templates,
+        classnames_file=classnames,
+    )
+    result = run_guarded(
+        run_zero_shot,
+        loaded,
+        data,
+        device=dev,
+        batch_size=batch_size,
+        workers=workers,
+        max_bad_fraction=max_bad_fraction,
+    )
+    n = result["clipkit"]["num_samples"]
+    title = (
+        f"zero-shot {data.name} ({n} images, {len(data.classnames)} classes, "
+        f"{len(data.templates)} templates; chance top-1 {100 / len(data.classnames):.2f}%)"
+    )
+    click.echo(table(_metric_rows(result["metrics"]), title))
+    write_output(output, result)
+
+
+@click.command()
+@dataset_options
+@click.option("--train-split", default="train", show_default=True, help="Split to fit on.")
+@click.option("--test-split", default="test", show_default=True, help="Split to score on.")
+@click.option("--shots", type=int, help="Few-shot: K training images per class.")
+@click.option("--seeds", default=3, show_default=True, help="Few-shot: number of seeds.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the validation split.")
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    show_default=True,
+    help="Share of train held out to sweep the weight decay.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Feature cache (default $CLIPKIT_CACHE or ~/.cache/clipkit/features).",
+)
+@click.option("--no-cache", is_flag=True, help="Always recompute the features.")
+@model_options
+@run_options
+def probe(
+    dataset,
+    data_root,
+    task,
+    templates,
+    classnames,
+    train_split,
+    test_split,
+    shots,
+    seeds,
+    seed,
+    val_fraction,
+    cache_dir,
+    no_cache,
+    checkpoint,
+    model,
+    pretrained,
+    weights,
+    batch_size,
+    workers,
+    device,
+    max_bad_fraction,
+    output,
+):
+    """Linear probe on frozen image features (weight decay swept on a validation split).
+
+    \b
+    Examples:
+      clipkit probe demo --data-root demo_data --checkpoint runs/demo
+      clipkit probe folder --data-root /data/pets --checkpoint runs/x --shots 16 --seeds 3
+    """
+    from pathlib import Path
+
+    from clipkit.data.eval_sets import classification_set
+    from clipkit.eval.linear_probe import default_cache_dir, run_probe
+    from clipkit.eval.results import table
+
+    if shots is not None and shots < 1:
+        fail("--shots must be >= 1")
+    loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
+    sets = [
+        run_guarded(
+            classification_set,
+            dataset,
+            data_root,
+            split,
+            loaded.preprocess,
+            task=task,
+            templates_file=templates,
+            classnames_file=classnames,
+            strict_split=True,
+        )
+        for split in (train_split, test_split)
+    ]
+    cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        result = run_guarded(
+            run_probe,
+            loaded,
+            *sets,
+            device=dev,
+            batch_size=batch_size,
+            workers=workers,
+            cache_dir=cache,
+            shots=shots,
+            seeds=seeds,
+            seed=seed,
+            val_fraction=val_fraction,
+            max_bad_fraction=max_bad_fraction,
+        )
+    except ValueError as e:  # e.g. a class with fewer images than --shots
+        fail(str(e))
+    c = result["clipkit"]
+    kind = f"{shots}-shot x {seeds} seeds" if shots else "full"
+    title = (
+        f"linear probe {sets[0].name} ({kind}; {c['num_train']} train / "
+        f"{c['num_samples']} test images, {c['num_classes']} classes)"
+    )
+    click.echo(table(_metric_rows(result["metrics"]), title))
+    write_output(output, result)
+
+
+@click.command()
+@click.option("--checkpoint", "-c", required=True, help="clipkit checkpoint file or run dir.")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write.")
+@click.option(
+    "--weights",
+    type=click.Choice(["online", "ema"]),
+    default="online",
+    show_default=True,
+    help="online: trained weights; ema: A-CLIP's EMA image tower with the online text tower.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def export(checkpoint, out, weights, overwrite):
+    """Export a checkpoint to an open_clip local-dir folder.
+
+    \b
+    The folder loads with:
+      open_clip.create_model_and_transforms('local-dir:DIR')
+    and with clipkit: --model local-dir:DIR.
+    """
+    from clipkit.export import export_open_clip
+
+    summary = run_guarded(export_open_clip, checkpoint, out, weights=weights, overwrite=overwrite)
+    click.echo(json.dumps(summary, indent=2))

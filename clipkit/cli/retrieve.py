@@ -1,0 +1,338 @@
+"""`clipkit retrieve index | search | eval`: FAISS indexes over image embeddings, text or image
+queries with an HTML gallery, and recall@k measured exactly and through the index."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+
+import click
+
+from clipkit.cli.evaluate import load_for_eval, model_options, write_output
+from clipkit.cli.main import fail, run_guarded
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+
+INDEX_TYPES = click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"])
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'4GB', '512M', '1.5g', '1000000' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        fail(f"--max-memory: cannot read '{text}'; use e.g. 4GB, 512MB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def guarded(fn):
+    """Index budget errors (no index kind fits --max-memory) are user errors too."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from clipkit.index import IndexBudgetError
+
+        try:
+            return fn(*args, **kwargs)
+        except IndexBudgetError as e:
+            fail(str(e))
+
+    return wrapper
+
+
+def index_options(fn):
+    options = [
+        click.option(
+            "--index-type",
+            type=INDEX_TYPES,
+            default="auto",
+            show_default=True,
+            help="auto picks under --max-memory: exact below 10k vectors, HNSW / IVF-Flat while "
+            "they fit, OPQ+IVF-PQ beyond.",
+        ),
+        click.option(
+            "--max-memory",
+            default="8GB",
+            show_default=True,
+            help="Memory budget of the index (e.g. 4GB, 512MB).",
+        ),
+        click.option(
+            "--target-recall",
+            default=0.95,
+            show_default=True,
+            help="Tune nprobe / efSearch until recall@10 vs exact search reaches this.",
+        ),
+        click.option("--seed", default=0, show_default=True, help="Seed of index training."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def data_options(fn):
+    options = [
+        click.option(
+            "--data",
+            required=True,
+            help="Captioned data: img2dataset shards (a .tar or a folder of them), "
+            "DIR/{split}/*.tar (CLIP_benchmark retrieval), or a folder of images + .txt files.",
+        ),
+        click.option(
+            "--split", default="test", show_default=True, help="Split folder, if --data has one."
+        ),
+        click.option("--batch-size", default=64, show_default=True, help="Images per batch."),
+        click.option("--workers", default=2, show_default=True, help="Data loader workers."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N]."),
+        click.option(
+            "--max-bad-fraction",
+            default=0.01,
+            show_default=True,
+            help="Unreadable images are skipped and counted; stop if more than this share is.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+def retrieve():
+    """FAISS retrieval: build an index, search it, measure recall@k.
+
+    \b
+      clipkit retrieve index --checkpoint runs/demo --data demo_data/eval --out idx
+      clipkit retrieve search --index idx --text "a red star" -k 8 --html gallery.html
+      clipkit retrieve eval --checkpoint runs/demo --data demo_data/eval --k 1,5,10
+    """
+
+
+def _embed(
+    checkpoint,
+    model,
+    pretrained,
+    weights,
+    data,
+    split,
+    batch_size,
+    workers,
+    device,
+    max_bad_fraction,
+):
+    from clipkit.data.eval_pairs import paired_set
+    from clipkit.eval.retrieval import embed_pairs
+
+    loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
+    pairs = run_guarded(paired_set, data, loaded.preprocess, split)
+    emb = run_guarded(embed_pairs, loaded, pairs, dev, batch_size, workers, max_bad_fraction)
+    return loaded, pairs, emb
+
+
+@retrieve.command(name="index")
+@model_options
+@data_options
+@index_options
+@click.option("--out", required=True, type=click.Path(), help="Index directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+@guarded
+def index_cmd(
+    checkpoint,
+    model,
+    pretrained,
+    weights,
+    data,
+    split,
+    batch_size,
+    workers,
+    device,
+    max_bad_fraction,
+    index_type,
+    max_memory,
+    target_recall,
+    seed,
+    out,
+    overwrite,
+):
+    """Embed images and captions, build and tune a FAISS index, write it with its metadata."""
+    from clipkit.eval.retrieval import build_index_dir
+
+    budget = parse_memory(max_memory)
+    loaded, pairs, emb = _embed(
+        checkpoint,
+        model,
+        pretrained,
+        weights,
+        data,
+        split,
+        batch_size,
+        workers,
+        device,
+        max_bad_fraction,
+    )
+    report = run_guarded(
+        build_index_dir,
+        loaded,
+        emb,
+        out,
+        index_type=index_type,
+        max_memory=budget,
+        target_recall=target_recall,
+        seed=seed,
+        overwrite=overwrite,
+        data_root=pairs.root,
+    )
+    k = report["k"]
+    click.echo(
+        f"index: {out}  ({report['index_type']}, {report['ntotal']} images x {report['dim']} "
+        f"dims, {report['size_bytes']:,} bytes, built in {report['build_seconds']:.2f}s)\n"
+        f"  recall@{k} vs exact: {report[f'recall@{k}']:.4f} (target {target_recall}, queries: "
+        f"{report['tuning_queries']}); median query {report['median_query_ms']:.3f} ms"
+    )
+
+
+def _query_vector(loaded, dev, text, image):
+    import torch
+
+    from clipkit.eval.embed import encode_images, encode_texts
+
+    if text is not None:
+        return encode_texts(loaded.model, loaded.tokenizer, [text], dev).numpy()
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as img:
+            pixels = loaded.preprocess(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        fail(f"--image {image}: cannot read the image ({type(e).__name__})")
+    return encode_images(loaded.model, torch.stack([pixels]), dev).numpy()
+
+
+@retrieve.command()
+@click.option("--index", "index_dir", required=True, help="Index directory (`retrieve index`).")
+@click.option("--text", help="Text query.")
+@click.option("--image", type=str, help="Image file query.")
+@click.option("-k", default=10, show_default=True, help="Number of results.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--html", type=click.Path(dir_okay=False), help="Write an HTML gallery here.")
+@click.option(
+    "--checkpoint",
+    "-c",
+    help="Embed the query with this checkpoint instead of the one recorded in the index.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N].")
+def search(index_dir, text, image, k, as_json, html, checkpoint, device):
+    """Search an index by text or image: rank, score, key and caption."""
+    from clipkit.eval.loading import load_from_source, pick_device
+    from clipkit.eval.retrieval import open_index_dir, search_index_dir
+
+    if (text is None) == (image is None):
+        fail("give exactly one of --text or --image")
+    if k < 1:
+        fail("-k must be >= 1")
+    idx = run_guarded(open_index_dir, index_dir)
+    if k > idx.index.ntotal:
+        fail(
+            f"-k {k} is larger than the index ({idx.index.ntotal} images); use -k <= "
+            f"{idx.index.ntotal}"
+        )
+    dev = run_guarded(pick_device, device)
+    source = {"checkpoint": checkpoint} if checkpoint else idx.model_info
+    loaded = run_guarded(load_from_source, source, dev)
+    query = _query_vector(loaded, dev, text, image)
+    hits = run_guarded(search_index_dir, idx, query, k)
+    if as_json:
+        click.echo(json.dumps({"query": text or image, "k": k, "results": hits}, indent=2))
+    else:
+        for h in hits:
+            click.echo(f"{h['rank']:>3}  {h['score']:.4f}  {h['key']}  {h['caption']}")
+    if html:
+        from pathlib import Path
+
+        from clipkit.checkpoint import atomic_write_bytes
+        from clipkit.eval.gallery import gallery_html
+
+        label = f"text: {text}" if text else f"image: {image}"
+        page = gallery_html(label, hits, f"top {k} of {idx.index.ntotal} from {index_dir}")
+        atomic_write_bytes(Path(html), page.encode("utf-8"))
+        click.echo(f"gallery: {html}", err=as_json)
+
+
+@retrieve.command(name="eval")
+@model_options
+@data_options
+@index_options
+@click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated k list.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Results JSON file.")
+@guarded
+def eval_cmd(
+    checkpoint,
+    model,
+    pretrained,
+    weights,
+    data,
+    split,
+    batch_size,
+    workers,
+    device,
+    max_bad_fraction,
+    index_type,
+    max_memory,
+    target_recall,
+    seed,
+    ks,
+    output,
+):
+    """Image->text and text->image recall@k, exact and through FAISS indexes."""
+    from clipkit.eval.results import results_dict, table
+    from clipkit.eval.retrieval import evaluate_retrieval
+
+    try:
+        k_list = sorted({int(k) for k in ks.split(",") if k.strip()})
+    except ValueError:
+        fail(f"--k: expected comma-separated integers, got '{ks}'")
+    if not k_list or k_list[0] < 1:
+        fail("--k values must be >= 1")
+    budget = parse_memory(max_memory)
+    loaded, pairs, emb = _embed(
+        checkpoint,
+        model,
+        pretrained,
+        weights,
+        data,
+        split,
+        batch_size,
+        workers,
+        device,
+        max_bad_fraction,
+    )
+    out = run_guarded(
+        evaluate_retrieval,
+        emb,
+        k_list,
+        index_type=index_type,
+        max_memory=budget,
+        target_recall=target_recall,
+        seed=seed,
+    )
+    n_img, n_txt = len(emb.keys), len(emb.text_features)
+    rows = [(f"{name} exact", value) for name, value in out["metrics"].items()]
+    rows += [(f"{name} index", out["index_metrics"][name]) for name in out["metrics"]]
+    click.echo(table(rows, f"retrieval on {pairs.root} ({n_img} images, {n_txt} captions)"))
+    result = results_dict(
+        dataset=pairs.root,
+        loaded=loaded,
+        task="zeroshot_retrieval",
+        metrics=out["metrics"],
+        num_samples=n_img,
+        extra={
+            "num_captions": n_txt,
+            "index_metrics": out["index_metrics"],
+            "indexes": out["indexes"],
+            "ks": k_list,
+            "templates": None,
+            "seed": seed,
+            "skipped_images": emb.skipped.count,
+        },
+    )
+    write_output(output, result)

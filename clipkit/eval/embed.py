@@ -1,0 +1,87 @@
+"""Batched, no-grad encoding of images and texts into L2-normalised features (float32, CPU)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SkipCounter:
+    """Samples a loader dropped (undecodable images), with the first few names for the message."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, names: Sequence[str]) -> None:
+        self.count += len(names)
+        self.examples.extend(names[: max(0, 3 - len(self.examples))])
+
+    def summary(self) -> str:
+        return f"{self.count} unreadable image(s) skipped, e.g. {', '.join(self.examples)}"
+
+
+def make_loader(dataset, batch_size: int, workers: int, collate_fn: Callable):
+    """A DataLoader in dataset order; iterable datasets split their shards over the workers."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, D) unit-norm float32 on the CPU."""
+    features = model.encode_image(images.to(device, non_blocking=True))
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def encode_texts(
+    model: nn.Module,
+    tokenizer: Callable,
+    texts: Sequence[str],
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Captions -> (N, D) unit-norm float32 on the CPU, tokenised and encoded in batches."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
+        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+def progress(loader: Iterable, total_samples: int | None, batch_size: int, desc: str):
+    """tqdm over batches (total known when the dataset size is)."""
+    total = None if total_samples is None else -(-total_samples // batch_size)
+    return tqdm(loader, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def check_skipped(skipped: SkipCounter, seen: int, max_bad_fraction: float) -> None:
+    """Warn about skipped images; stop when none were usable or too many were bad."""
+    from clipkit.config import ConfigError
+
+    if skipped.count == 0:
+        return
+    total = seen + skipped.count
+    if seen == 0 or skipped.count / total > max_bad_fraction:
+        raise ConfigError(
+            f"{skipped.count} of {total} images could not be read (e.g. "
+            f"{', '.join(skipped.examples)}); more than {max_bad_fraction:.0%}: check the data"
+        )
+    log.warning(skipped.summary())

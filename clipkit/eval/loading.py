@@ -1,0 +1,149 @@
+"""Load the model an evaluation runs on: a clipkit checkpoint (rebuilt from the config inside it,
+with its own preprocessing), or an open_clip model (`NAME` + local weights, or `local-dir:DIR`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipkit import checkpoint as ckpt
+from clipkit.config import ConfigError
+
+log = logging.getLogger(__name__)
+WEIGHTS = ("online", "ema")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for `encode_image` / `encode_text`, with what describes it in results."""
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    arch: dict
+    name: str  # results' "model": the architecture name
+    pretrained: str  # results' "pretrained": checkpoint path or weights file
+    sha256: str | None  # of the checkpoint / weights file (None for random weights)
+    weights: str = "online"
+    method: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)  # how to load it again (index dirs)
+
+    @property
+    def family(self) -> str:
+        return self.arch["family"]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` = CUDA when present, else CPU; asking for CUDA without one is a user error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+
+
+def _from_checkpoint(path: str, weights: str) -> LoadedModel:
+    from clipkit import methods
+    from clipkit.config import Config
+    from clipkit.models import factory
+
+    state = ckpt.load(path, map_location="cpu")
+    cfg = Config.from_dict(state["config"])
+    arch = cfg.model.arch
+    if not arch:
+        raise ckpt.CheckpointError(f"{state['_path']} stores no model architecture")
+    model = factory.build_from_arch(arch)
+    model.load_state_dict(state["model"])
+    if weights == "ema":
+        method = methods.build(cfg.method, model)
+        method.load_extra_state(state.get("method_state", {}))
+        try:
+            model = method.eval_model("ema")
+        except ValueError:
+            raise ConfigError(
+                f"--weights ema: the '{cfg.method.name}' checkpoint {state['_path']} keeps no EMA "
+                "weights (only A-CLIP does); use --weights online"
+            ) from None
+    return LoadedModel(
+        model=model,
+        preprocess=factory.transforms(arch, is_train=False),
+        tokenizer=factory.tokenizer(arch),
+        arch=arch,
+        name=cfg.model.name,
+        pretrained=str(state["_path"]),
+        sha256=ckpt.sha256(state["_path"]),
+        weights=weights,
+        method=cfg.method.name,
+        source={"checkpoint": str(Path(state["_path"]).resolve()), "weights": weights},
+    )
+
+
+def _from_open_clip(name: str, pretrained: str | None) -> LoadedModel:
+    from clipkit.config import ModelConfig
+    from clipkit.models import factory
+
+    cfg = ModelConfig(name=name, pretrained=pretrained)
+    model = factory.build(cfg)
+    weights_file = pretrained
+    if weights_file is None and name.startswith("local-dir:"):
+        weights_file = factory._local_dir_weights(Path(name[len("local-dir:") :]))
+    if weights_file is None:
+        log.warning("model %s has random weights (no --pretrained file given)", name)
+    if name.startswith("local-dir:"):
+        name = "local-dir:" + str(Path(name[len("local-dir:") :]).resolve())
+    return LoadedModel(
+        model=model,
+        preprocess=factory.transforms(cfg.arch, is_train=False),
+        tokenizer=factory.tokenizer(cfg.arch),
+        arch=cfg.arch,
+        name=name,
+        pretrained=str(weights_file) if weights_file else "",
+        sha256=ckpt.sha256(weights_file) if weights_file else None,
+        source={
+            "model": name,
+            "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
+        },
+    )
+
+
+def load_model(
+    checkpoint: str | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    weights: str = "online",
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Exactly one of `checkpoint` (file or run dir) or `model` (name / `local-dir:DIR`)."""
+    if (checkpoint is None) == (model is None):
+        raise ConfigError("give either --checkpoint RUN_OR_FILE or --model NAME (not both)")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got '{weights}'")
+    if checkpoint is not None:
+        if pretrained:
+            raise ConfigError("--pretrained goes with --model, not --checkpoint")
+        loaded = _from_checkpoint(checkpoint, weights)
+    else:
+        if weights != "online":
+            raise ConfigError("--weights ema needs a clipkit --checkpoint that holds EMA weights")
+        loaded = _from_open_clip(model, pretrained)
+    loaded.model = loaded.model.to(device).eval()
+    return loaded
+
+
+def load_from_source(source: dict, device: str | torch.device = "cpu") -> LoadedModel:
+    """Reload the model recorded in `LoadedModel.source` (e.g. by an index directory)."""
+    if source.get("checkpoint"):
+        return load_model(
+            checkpoint=source["checkpoint"], weights=source.get("weights", "online"), device=device
+        )
+    return load_model(model=source["model"], pretrained=source.get("pretrained"), device=device)

@@ -1,0 +1,86 @@
+"""Results JSON in CLIP_benchmark's shape (`dataset`, `model`, `pretrained`, `task`, `metrics`,
+`language`) plus a `clipkit` block saying exactly what was measured, and readable tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from clipkit.checkpoint import atomic_write_bytes
+
+_PACKAGES = ("clipkit", "torch", "open_clip_torch", "faiss-gpu", "faiss-cpu", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def results_dict(
+    *,
+    dataset: str,
+    loaded,
+    task: str,
+    metrics: dict[str, Any],
+    num_samples: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One result record; `loaded` is the `LoadedModel` that was evaluated."""
+    block = {
+        "checkpoint_sha256": loaded.sha256,
+        "weights": loaded.weights,
+        "method": loaded.method,
+        "architecture": loaded.arch,
+        "num_samples": num_samples,
+        "versions": package_versions(),
+        **(extra or {}),
+    }
+    return {
+        "dataset": dataset,
+        "model": loaded.name,
+        "pretrained": loaded.pretrained,
+        "task": task,
+        "metrics": metrics,
+        "language": "en",
+        "clipkit": block,
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """NaN is not JSON: write null (CLIP_benchmark writes NaN, which strict parsers reject)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically (temp file + rename): a crash never leaves a half-written results file."""
+    text = json.dumps(_clean(obj), indent=2, sort_keys=False, default=str) + "\n"
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def table(rows: list[tuple[str, Any]], title: str | None = None) -> str:
+    """Two aligned columns; floats in [0, 1] as percentages with two decimals."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{100 * v:6.2f}%"
+        return str(v)
+
+    width = max(len(name) for name, _ in rows)
+    lines = [title] if title else []
+    lines += [f"  {name:<{width}}  {fmt(value)}" for name, value in rows]
+    return "\n".join(lines)
