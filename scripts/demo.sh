@@ -19,7 +19,7 @@ RUN="$OUT/runs/tiny-clip"
 if [ -f "$RUN/checkpoints/latest.pt" ]; then
   echo "run $RUN exists: skipping pretraining (delete it to retrain)"
 else
-  $CK pretrain --data "$OUT/data/train" --out "$RUN" --model tiny --steps "$STEPS" \
+  $CK pretrain --data "$OUT/data/train" --out "$RUN" --model tiny-64 --steps "$STEPS" \
     --batch-size 100 --lr 1e-3 --warmup 40 --workers 2 --log-every 10 --save-every 200
 fi
 
