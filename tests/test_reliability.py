@@ -275,3 +275,34 @@ def test_data_check_counts_and_writes_sizes(tmp_path, demo_root):
     report = json.loads(res.stdout[res.stdout.index("{") :])
     assert report["samples"] == 128 and report["bad_by_reason"] == {"undecodable_image": 7}
     assert json.loads((folder / "sizes.json").read_text()) == {"a.tar": 128, "b.tar": 0}
+
+
+def test_non_finite_loss_is_skipped_then_stops(tmp_path, demo_root, monkeypatch):
+    from clipkit.config import Config
+    from clipkit.methods.clip import CLIPMethod
+    from clipkit.train.run import pretrain
+    from clipkit.train.trainer import TrainingError
+
+    real = CLIPMethod.forward
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        loss, parts = real(self, batch)
+        bad = calls["n"] in (2, 3) or calls["n"] >= 6
+        return (loss * float("nan"), parts) if bad else (loss, parts)
+
+    monkeypatch.setattr(CLIPMethod, "forward", flaky)
+    cfg = Config.from_dict(
+        {
+            "data": {"data": str(demo_root / "train"), "batch_size": 8, "workers": 0},
+            "model": {"name": "test"},
+            "run": {"out": str(tmp_path / "run"), "steps": 20, "save_every": 2, "threads": 1},
+        }
+    )
+    # calls 1, 4, 5 update (steps 1-3); 2 and 3 are skipped; calls 6-10 are 5 in a row
+    with pytest.raises(TrainingError, match="non-finite for 5 steps in a row at step 3"):
+        pretrain(cfg)
+    state = checkpoint.load(tmp_path / "run")
+    assert state["step"] == 2  # the last save before the failure stays
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
