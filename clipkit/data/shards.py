@@ -203,4 +203,7 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         in_order=True,
         timeout=stall_timeout if workers > 0 else 0,
+        # Worker base seeds come from this generator, not torch's global RNG, so starting the
+        # loader consumes no global randomness (a resumed run then stays on the same RNG path).
+        generator=torch.Generator().manual_seed(spec.seed),
     )

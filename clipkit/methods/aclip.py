@@ -128,6 +128,7 @@ class ACLIPMethod(Method):
     """
 
     name = "aclip"
+    has_unused_parameters = False
 
     def __init__(
         self,
@@ -148,6 +149,9 @@ class ACLIPMethod(Method):
             raise ConfigError("A-CLIP needs at least one loss weight > 0")
         self.cfg = cfg
         self.keep_highest = keep_highest
+        # With no CLIP loss the text tower, logit scale and image projection get no gradient; DDP
+        # must then be told to look for unused parameters (the trainer reads this flag).
+        self.has_unused_parameters = cfg.clip_weight <= 0
         self.grid = tuple(visual.grid_size)
         self.teacher_size = round(visual.image_size[0] * teacher_resolution)
         if self.teacher_size % visual.patch_size[0]:
@@ -314,6 +318,7 @@ class FLIPMethod(Method):
     At evaluation the model sees every token (the plain open_clip forward)."""
 
     name = "flip"
+    has_unused_parameters = False  # every trainable parameter is on the loss path
 
     def __init__(self, cfg: MethodConfig, model: nn.Module):
         super().__init__(model)

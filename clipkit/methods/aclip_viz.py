@@ -1,9 +1,16 @@
 """Picture of A-CLIP's token choice (arXiv 2212.08653, Fig. 1/3 style): per sample, the teacher
 view with its [CLS]-attention heat map and the online views' boxes, then every online view with
-the removed patches greyed out."""
+the removed patches greyed out.
+
+`render_masks` draws a batch; `inspect_masks` is the library side of `clipkit inspect masks`:
+checkpoint -> method (online or EMA scorer) -> a few shard samples through the method's views ->
+PNG, written atomically.
+"""
 
 from __future__ import annotations
 
+import io
+import random
 from pathlib import Path
 
 import torch
@@ -11,7 +18,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from clipkit.checkpoint import atomic_write_bytes
+from clipkit.config import ConfigError, DataConfig
 from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD
+
+ACLIP_FAMILY = ("aclip", "aclip-eff", "attmask-high")  # methods with a teacher-driven token choice
 
 VIEW_COLOURS = ("tab:orange", "tab:cyan", "tab:green", "tab:pink")
 
@@ -94,7 +105,90 @@ def render_masks(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write_bytes(out, buffer.getvalue())  # never a half-written PNG
     return out
+
+
+def load_aclip_method(checkpoint_path: str | Path, weights: str = "ema", device: str = "cpu"):
+    """Rebuild an A-CLIP-family method (model + EMA state) from a checkpoint, in eval mode.
+
+    `weights='online'` makes the online image tower the scorer (its weights are copied into the
+    teacher slot), to compare what the trained encoder attends to with what the EMA chose.
+    Raises ConfigError when the checkpoint was not trained with an A-CLIP-family method.
+    """
+    from clipkit import checkpoint, methods
+    from clipkit.config import Config
+    from clipkit.models import factory
+
+    state = checkpoint.load(checkpoint_path, map_location="cpu")
+    cfg = Config.from_dict(state["config"])
+    if cfg.method.name not in ACLIP_FAMILY:
+        raise ConfigError(
+            f"{state['_path']} was trained with method '{cfg.method.name}'; masks exist only for "
+            f"{', '.join(ACLIP_FAMILY)} checkpoints"
+        )
+    if weights not in ("online", "ema"):
+        raise ConfigError(f"--weights must be online or ema, not '{weights}'")
+    model = factory.build_from_arch(cfg.model.arch)
+    model.load_state_dict(state["model"])
+    method = methods.build(cfg.method, model)
+    method.load_extra_state(state["method_state"])
+    if weights == "online" and method.teacher_visual is not None:
+        method.teacher_visual.load_state_dict(method.model.visual.state_dict())
+    return method.to(device).eval(), cfg
+
+
+def read_batch(
+    data: str, arch: dict, views, tokenizer, n: int, seed: int, keys: DataConfig | None = None
+) -> dict:
+    """The first `n` usable samples of the shards `data` (in shard order), transformed into the
+    method's views with the augmentation RNG seeded by `seed`, collated like training batches.
+    `keys`: the run's data config (image/text member names, pixel guard); default: defaults."""
+    import webdataset as wds
+
+    from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
+    from clipkit.data.pipeline import Collate, SampleTransform
+    from clipkit.data.sources import expand_sources
+
+    keys = keys or DataConfig()
+    transform = SampleTransform(arch, views)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)  # the views' crops and colour draws come from torch's global RNG
+    samples: list[dict] = []
+    for raw in wds.WebDataset(expand_sources(data), shardshuffle=False, empty_check=False):
+        try:
+            image = decode_image(pick(raw, keys.image_key) or b"", keys.max_pixels)
+            caption = decode_caption(raw.get(keys.text_key), rng)
+        except BadSample:
+            continue
+        samples.append({**transform(image, caption), "key": raw.get("__key__", "")})
+        if len(samples) == n:
+            break
+    if not samples:
+        raise ConfigError(f"no usable image-caption sample in {data}")
+    return Collate(tokenizer)(samples)
+
+
+def inspect_masks(
+    checkpoint_path: str | Path,
+    data: str,
+    out_png: str | Path,
+    n: int = 4,
+    weights: str = "ema",
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
+    """Draw the token choice of an A-CLIP-family checkpoint on `n` samples of `data`."""
+    from clipkit.models import factory
+
+    if n < 1:
+        raise ConfigError("--n must be >= 1")
+    method, cfg = load_aclip_method(checkpoint_path, weights, device)
+    arch = cfg.model.arch
+    batch = read_batch(data, arch, method.views, factory.tokenizer(arch), n, seed, cfg.data)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    pp = factory.preprocess_cfg(arch)
+    return render_masks(method, batch, out_png, n=n, mean=pp["mean"], std=pp["std"])

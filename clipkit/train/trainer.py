@@ -69,6 +69,11 @@ class Trainer:
             return method
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if self.device.type == "cuda":
+            # BatchNorm in heads/branches (A-CLIP SSL heads, MS-CLIP's branch) sees the global
+            # batch; SyncBatchNorm has no CPU kernel, so gloo runs keep per-rank statistics.
+            nn.SyncBatchNorm.convert_sync_batchnorm(method)
+
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(
             method,
@@ -319,7 +324,7 @@ class Trainer:
             "data_position": positions,
             "world_size": self.dist.world_size,
             "workers": self.cfg.data.workers,
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": self._rng_state(),
         }
         ckpt_dir = self.run_dir / "checkpoints"
         step_path = ckpt_dir / f"step-{self.state.step}.pt"
@@ -327,6 +332,12 @@ class Trainer:
         checkpoint.link_latest(step_path, ckpt_dir / "latest.pt")
         self._prune(ckpt_dir)
         return step_path
+
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def _gather_positions(self) -> list[dict]:
         mine = self.state.position.state()
