@@ -19,10 +19,9 @@ from clipkit.models.msclip import (
     Attention,
     LateralAdapter,
     MSCLIPConfig,
-    load_official_state_dict,
     shared_parameter_names,
-    to_official_state_dict,
 )
+from clipkit.models.msclip_official import load_official_state_dict, to_official_state_dict
 
 
 def _meta(name: str) -> MSCLIP:
@@ -56,6 +55,7 @@ def _batch(model: MSCLIP, b: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
         ("msclip-b32-shared", 126_248_449),
         ("msclip-b32-ln", 126_285_313),
         ("msclip-b32-early", 128_436_721),
+        ("msclip-b32-branch", 130_256_593),
     ],
 )
 def test_parameter_counts_match_spec(name, count):
@@ -255,11 +255,11 @@ def test_official_load_rejects_bad_checkpoints(tiny):
     bad["transformer.resblocks.1.attn.in_proj_weight"] = (
         sd["transformer.resblocks.1.attn.in_proj_weight"] + 1
     )
-    with pytest.raises(ValueError, match="different values"):
+    with pytest.raises(ConfigError, match="different values"):
         load_official_state_dict(MSCLIP(PRESETS["msclip-tiny"]), bad)
     partial = {k: v for k, v in sd.items() if k != "ln_final.weight"}
     partial["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ConfigError, match="missing"):
         load_official_state_dict(MSCLIP(PRESETS["msclip-tiny"]), partial)
     report = load_official_state_dict(MSCLIP(PRESETS["msclip-tiny"]), partial, strict=False)
     assert report.missing_keys == ["ln_final.weight"]

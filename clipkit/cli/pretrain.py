@@ -35,7 +35,13 @@ FLAGS = [
         str,
         "Training method: clip (default), flip, aclip, aclip-eff, attmask-high.",
     ),
-    ("--pretrained", "model.pretrained", str, "Local open_clip weights file to start from."),
+    (
+        "--pretrained",
+        "model.pretrained",
+        str,
+        "Local weights to start from: an open_clip state_dict "
+        "file, or MS-CLIP weights (clipkit or official layout).",
+    ),
     ("--image-size", "model.image_size", int, "Override the model's image size."),
     ("--context-length", "model.context_length", int, "Override the text context length."),
     ("--batch-size", "data.batch_size", int, "Samples per rank per micro-batch (default 64)."),

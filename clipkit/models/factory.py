@@ -103,7 +103,10 @@ def _read_json(path: Path) -> dict:
 def _arch_from_json(data: dict, source: str) -> dict:
     family = data.get("family", "open_clip")
     if family == "msclip":
-        return {"family": "msclip", "config": data.get("config", data)}
+        from clipkit.models.msclip import MSCLIPConfig
+
+        body = {k: v for k, v in data.get("config", data).items() if k != "family"}
+        return {"family": "msclip", "config": MSCLIPConfig.from_dict(body).to_dict()}
     model_cfg = data.get("model_cfg", data)
     if "vision_cfg" not in model_cfg or "text_cfg" not in model_cfg:
         raise ConfigError(f"{source}: an open_clip model config needs 'vision_cfg' and 'text_cfg'")
@@ -244,6 +247,9 @@ def preprocess_cfg(arch: dict) -> dict:
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
+    if arch["family"] == "msclip":  # the official evaluation normalises with ImageNet stats
+        pp["mean"] = tuple(arch["config"].get("image_mean", OPENAI_MEAN))
+        pp["std"] = tuple(arch["config"].get("image_std", OPENAI_STD))
     pp.update(arch.get("preprocess_cfg", {}) or {})
     pp["size"] = image_size(arch)
     return pp
@@ -291,6 +297,9 @@ def describe(cfg: ModelConfig) -> str:
     if own:
         lines.append(f"  {'(top-level params)':<24} {own:>14,d} params")
     total = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "shared_parameters"):
+        shared = sum(p.numel() for p in model.shared_parameters())
+        lines.append(f"  {'(shared by both towers)':<24} {shared:>14,d} params, counted once")
     lines.append(f"  {'total':<24} {total:>14,d} params")
     lines.append(f"  image size {image_size(arch)}, context length {context_length(arch)}")
     body = arch.get("model_cfg") or arch.get("config")

@@ -13,7 +13,7 @@ e25daf3); section numbers below are the spec's.
 * §3 Efficient parallel branch. A 5-stage CNN on the raw image; before each visual slot in
   `lateral_slots` the next stage runs and a lateral adapter *replaces* the tokens with
   `LN(BN(DW3x3(patches)) + PW(BN(DWk(branch))))` and the CLS token with `LN(2 * CLS)` (§3.4; no
-  identity term).
+  identity term). Stem, branch and adapters live in `clipkit.models.msclip_layers`.
 * §1.5 / §7.10 LayerNorm eps 1e-12 computed in fp32; QuickGELU; initialisation as the official
   `_init_weights` nesting: Linear/Conv trunc_normal(0.02), `in_proj_weight` xavier_uniform,
   `token_embedding` N(0, 1), text positional embedding and projection trunc_normal(0.02), visual
@@ -29,8 +29,12 @@ Inferred or generalised here (not in the official code):
 * Text shorter than `context_length` uses the first positions (the official model needs 77).
 * Shared-parameter LR/WD (§6.1, `CUSTOM.LR_SHARE` / `WD_SHARE`: B/32 1e-4 / 0.2, B/16 1.6e-3 /
   0.2, per GPU, scaled by world size like `TRAIN.LR` 1e-4 / `WD` 0.05) are presumably an optimizer
-  group of the shared parameters; `shared_parameter_names` lists them. The official no-decay
-  names are positional_embedding, token_embedding, logit_scale (+ bn/bias/ln by WITHOUT_WD_LIST).
+  group of the shared parameters: `MSCLIP.shared_parameters()` gives them to clipkit's optimizer.
+  Weight decay follows clipkit's rule (none on biases, LN/BN, embeddings, logit_scale); the
+  official builder is not released (its no-decay names: positional_embedding, token_embedding,
+  logit_scale, + bn/bias/ln by WITHOUT_WD_LIST).
+* The `-branch` presets (parallel branch without early specialisation) are the spec's §4.3 recipe.
+  Official weight files load through `MSCLIP.load_weights_file` (clipkit.models.msclip_official).
 * Gradient checkpointing covers transformer blocks only, never BatchNorm (re-running BN in
   training mode would update its running statistics twice).
 """
@@ -39,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -49,6 +52,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clipkit.config import ConfigError
+from clipkit.models.msclip_layers import (
+    ConvStem,
+    LateralAdapter,
+    LayerNorm,
+    QuickGELU,
+    branch_stages,
+    channels,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the official eval normalisation (§6.1), not CLIP's
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,44 +142,35 @@ class MSCLIPConfig:
 
 
 _B32 = MSCLIPConfig()
-_ABLATION = dict(early_specialization=False, parallel_branch=False, shared_from=0)
+_TINY = MSCLIPConfig(
+    embed_dim=64,
+    image_size=32,
+    patch_size=8,
+    width=64,
+    layers=4,
+    heads=4,
+    context_length=16,
+    stem_strides=(2, 2, 2, 1, 1),
+    branch_strides=(2, 2, 2, 1, 1),
+    lateral_slots=(1, 1, 2, 2, 3),
+)
+# the paper's ablation ladder (§4.3): fully shared -> + modality LN -> + early spec. -> MS-CLIP-S
+_NOTHING_SPECIFIC = dict(early_specialization=False, parallel_branch=False, shared_from=0)
+_VARIANTS = {
+    "shared": dict(share_layernorm=True, **_NOTHING_SPECIFIC),
+    "ln": _NOTHING_SPECIFIC,
+    "early": dict(parallel_branch=False),
+    "branch": dict(early_specialization=False, shared_from=0),  # parallel branch only
+}
 PRESETS: dict[str, MSCLIPConfig] = {
     "msclip-b32": _B32,
     "msclip-b16": dataclasses.replace(
         _B32, patch_size=16, stem_strides=(2, 2, 2, 2, 1), branch_strides=(2, 2, 2, 2, 1)
     ),
-    "msclip-b32-shared": dataclasses.replace(_B32, share_layernorm=True, **_ABLATION),
-    "msclip-b32-ln": dataclasses.replace(_B32, **_ABLATION),
-    "msclip-b32-early": dataclasses.replace(_B32, parallel_branch=False),
-    "msclip-tiny": MSCLIPConfig(
-        embed_dim=64,
-        image_size=32,
-        patch_size=8,
-        width=64,
-        layers=4,
-        heads=4,
-        context_length=16,
-        stem_strides=(2, 2, 2, 1, 1),
-        branch_strides=(2, 2, 2, 1, 1),
-        lateral_slots=(1, 1, 2, 2, 3),
-    ),
+    **{f"msclip-b32-{k}": dataclasses.replace(_B32, **kw) for k, kw in _VARIANTS.items()},
+    "msclip-tiny": _TINY,  # CPU tests and the demo
+    **{f"msclip-tiny-{k}": dataclasses.replace(_TINY, **kw) for k, kw in _VARIANTS.items()},
 }
-
-
-class LayerNorm(nn.LayerNorm):
-    """TF-style LayerNorm of the official code: eps 1e-12, statistics in fp32 (§1.5)."""
-
-    def __init__(self, width: int):
-        super().__init__(width, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight.float(), self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
 
 
 class Attention(nn.Module):
@@ -211,101 +213,6 @@ def _new_block(cfg: MSCLIPConfig) -> Block:
     return Block(Attention(cfg.width, cfg.heads), mlp, LayerNorm(cfg.width), LayerNorm(cfg.width))
 
 
-def _channels(width: int) -> list[int]:
-    return [width // 16, width // 8, width // 4, width // 2, width]  # stem and branch ladder
-
-
-class StemBlock(nn.Module):
-    """ReLU(BN(conv3x3_s(x)) + BN(conv1x1_s(x))): one 3x3 conv, projection shortcut (§2.1)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.downsample = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn1(self.conv1(x)) + self.downsample(x))
-
-
-class ConvStem(nn.Module):
-    """Vision slot 0: conv-BN-ReLU, 4 StemBlocks, 1x1 conv; (B, 3, H, W) -> (B, W, h, w)."""
-
-    def __init__(self, width: int, strides: tuple[int, ...]):
-        super().__init__()
-        c = _channels(width)
-        self.conv1 = nn.Conv2d(3, c[0], 3, strides[0], 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c[0])
-        self.blocks = nn.ModuleList(StemBlock(c[i], c[i + 1], strides[i + 1]) for i in range(4))
-        self.last_conv = nn.Conv2d(width, width, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.last_conv(x)
-
-
-class BranchBottleneck(nn.Module):
-    """Branch stages 1-4: 1x1 -> 3x3 (stride) -> 1x1 bottleneck, mid = out/2, BN eps 1e-6 (§3.2)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        mid = c_out // 2
-        self.conv1, self.bn1 = nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid, eps=1e-6)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid, eps=1e-6)
-        self.conv3, self.bn3 = nn.Conv2d(mid, c_out, 1, bias=False), nn.BatchNorm2d(c_out, eps=1e-6)
-        self.residual_conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-        self.residual_bn = nn.BatchNorm2d(c_out, eps=1e-6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(y)))))
-        return F.relu(y + self.residual_bn(self.residual_conv(x)))
-
-
-def _branch_stages(width: int, strides: tuple[int, ...]) -> nn.ModuleList:
-    c = [3, *_channels(width)]
-    first = nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(3, c[1], 3, strides[0], 1, bias=False),
-            bn=nn.BatchNorm2d(c[1]),
-            relu=nn.ReLU(inplace=True),
-        )
-    )
-    return nn.ModuleList(
-        [first, *(BranchBottleneck(c[k], c[k + 1], strides[k]) for k in range(1, 5))]
-    )
-
-
-class LateralAdapter(nn.Module):
-    """Branch -> token-stream fusion (§3.4); the output *replaces* the tokens (no identity term)."""
-
-    def __init__(self, branch_channels: int, width: int, kernel: int):
-        super().__init__()
-        self.branch_dw = nn.Conv2d(
-            branch_channels, branch_channels, kernel, kernel, groups=branch_channels, bias=False
-        )
-        self.branch_bn = nn.BatchNorm2d(branch_channels)
-        self.branch_pw = nn.Conv2d(branch_channels, width, 1, bias=False)
-        self.token_dw = nn.Conv2d(width, width, 3, 1, 1, groups=width, bias=False)
-        self.token_bn = nn.BatchNorm2d(width)
-        self.ln = LayerNorm(width)
-
-    def forward(self, branch: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int]):
-        B, _, W = tokens.shape  # tokens: (B, 1 + h*w, W); branch: (B, C_k, H_k, W_k)
-        cls, patches = tokens[:, :1], tokens[:, 1:].transpose(1, 2).reshape(B, W, *grid)
-        t = self.branch_pw(self.branch_bn(self.branch_dw(branch)))  # (B, W, h, w)
-        if t.shape[-2:] != patches.shape[-2:]:
-            raise ValueError(f"parallel branch gives a {tuple(t.shape[-2:])} grid, tokens {grid}")
-        fused = (self.token_bn(self.token_dw(patches)) + t).flatten(2).transpose(1, 2)
-        # the official code adds CLS on both paths (PRALLEL_T2B_USECLS): CLS -> LN(2 * CLS)
-        return self.ln(torch.cat([2 * cls, fused], dim=1))
-
-
 class MSCLIPVisual(nn.Module):
     """The image path: stem or patch embedding, CLS + positions, blocks with lateral fusions."""
 
@@ -326,11 +233,11 @@ class MSCLIPVisual(nn.Module):
         self.blocks = nn.ModuleList(_new_block(cfg) for _ in range(self.first_slot, cfg.layers))
         self.lateral_slots = cfg.lateral_slots if cfg.parallel_branch else ()
         if cfg.parallel_branch:
-            self.branch = _branch_stages(W, cfg.branch_strides)
+            self.branch = branch_stages(W, cfg.branch_strides)
             strides = list(math.prod(cfg.branch_strides[: k + 1]) for k in range(5))
             self.adapters = nn.ModuleList(
                 LateralAdapter(c, W, cfg.patch_size // s)
-                for c, s in zip(_channels(W), strides, strict=True)
+                for c, s in zip(channels(W), strides, strict=True)
             )
         self.ln_post = LayerNorm(W)
         self.proj = nn.Parameter(torch.empty(W, cfg.embed_dim))
@@ -414,6 +321,19 @@ class MSCLIP(nn.Module):
             nn.init.normal_(p, std=scale)
         self.logit_scale.fill_(self.config.init_logit_scale)
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The tensors both towers use, each once (clipkit's optimizer gives them their own
+        lr / weight decay: `--shared-lr`, `--shared-weight-decay`)."""
+        text_ids = {id(p) for p in self.text_blocks.parameters()}
+        return [p for p in self.visual.parameters() if id(p) in text_ids]
+
+    def load_weights_file(self, path: str):
+        """Load a clipkit or official MS-CLIP weights file (layout detected by its keys); both
+        stored copies of a shared tensor must be equal. Raises ConfigError on any mismatch."""
+        from clipkit.models.msclip_official import load_weights_file
+
+        return load_weights_file(self, path)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = self.visual.grad_checkpointing = enable
 
@@ -446,79 +366,3 @@ def shared_parameter_names(model: MSCLIP) -> list[str]:
     """Names (as `named_parameters()` gives them: under `visual.`) of tensors both towers use."""
     text_ids = {id(p) for p in model.text_blocks.parameters()}
     return [n for n, p in model.visual.named_parameters(prefix="visual") if id(p) in text_ids]
-
-
-# clipkit key -> official key (state_dict layout of Hxyou/MSCLIP, §7.11); first match wins.
-_ADAPTER = r"visual.transformer.parallel_lateral_adapter.\1."
-_OFFICIAL_RULES = [
-    (r"^visual\.stem\.blocks\.(\d+)\.", r"visual.transformer.resblocks.0.resnet_stage.conv_\1."),
-    (r"^visual\.stem\.", "visual.transformer.resblocks.0."),
-    (r"^visual\.branch\.0\.", "visual.transformer.parallel_branch_v.0."),
-    (r"^visual\.branch\.(\d+)\.", r"visual.transformer.parallel_branch_v.\1.resnet_stage.conv_0."),
-    (r"^visual\.adapters\.(\d+)\.branch_dw\.", _ADAPTER + "top2bottom_dw_conv.conv."),
-    (r"^visual\.adapters\.(\d+)\.branch_bn\.", _ADAPTER + "top2bottom_dw_conv.bn."),
-    (r"^visual\.adapters\.(\d+)\.branch_pw\.", _ADAPTER + "top2bottom_pw_conv.conv."),
-    (r"^visual\.adapters\.(\d+)\.token_dw\.", _ADAPTER + "bottom_dw_conv.conv."),
-    (r"^visual\.adapters\.(\d+)\.token_bn\.", _ADAPTER + "bottom_dw_conv.bn."),
-    (r"^visual\.adapters\.(\d+)\.ln\.", _ADAPTER + "ln_adapt."),
-    (r"^text_blocks\.", "transformer.resblocks."),
-]
-
-
-def _official_key(key: str, first_slot: int) -> str:
-    m = re.match(r"^visual\.blocks\.(\d+)\.", key)
-    if m:  # clipkit counts visual blocks from 0; official slots count the stem as slot 0
-        return f"visual.transformer.resblocks.{int(m.group(1)) + first_slot}.{key[m.end() :]}"
-    for pattern, repl in _OFFICIAL_RULES:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    return key
-
-
-def to_official_state_dict(model: MSCLIP) -> dict[str, torch.Tensor]:
-    """The official layout: every shared tensor appears under both visual.* and transformer.*."""
-    first = model.visual.first_slot
-    return {_official_key(k, first): v for k, v in model.state_dict().items()}
-
-
-@dataclass
-class OfficialLoadReport:
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-    tied_checked: int  # shared tensors whose duplicate official copies were compared equal
-
-
-@torch.no_grad()
-def load_official_state_dict(model: MSCLIP, state_dict: dict, strict: bool = True):
-    """Load a checkpoint of the official code; both copies of a shared tensor must be equal."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DDP
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    first = model.visual.first_slot
-    targets = {_official_key(k, first): t for k, t in model.state_dict(keep_vars=True).items()}
-    missing = sorted(set(targets) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(targets))
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"official MS-CLIP state_dict does not fit this config: "
-            f"missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {unexpected[:5]} ({len(unexpected)})"
-        )
-    groups: dict[int, list[str]] = {}
-    for key, tensor in targets.items():
-        if key in state_dict:
-            groups.setdefault(id(tensor), []).append(key)
-    for keys in groups.values():
-        src = state_dict[keys[0]]
-        for other in keys[1:]:
-            if not torch.equal(src, state_dict[other]):
-                raise ValueError(
-                    f"shared tensor stored twice with different values: {keys[0]} != {other}"
-                )
-        dst = targets[keys[0]]
-        if dst.shape != src.shape:
-            raise ValueError(
-                f"{keys[0]}: checkpoint shape {tuple(src.shape)}, model {tuple(dst.shape)}"
-            )
-        dst.copy_(src)
-    tied = sum(len(keys) > 1 for keys in groups.values())
-    return OfficialLoadReport(missing, unexpected, tied)
