@@ -343,13 +343,16 @@ def _write_splits(
     root: Path, seed: int, n_train: int, n_eval: int, n_probe: int, image_size: int, shard_size: int
 ) -> dict:
     held, seen = held_out_combos(seed), train_combos(seed)
+    # A probe's train split draws from every pair: were it limited to the pretraining pairs, a
+    # probe could predict shape from colour there and fail by construction on held-out pairs.
+    every = tuple(sorted(held + seen))
     # Independent streams per split, so changing one split's size leaves the others unchanged.
     rngs = [np.random.default_rng([seed, k]) for k in range(1, 7)]
     train = _captioned(rngs[0], seen, n_train, image_size)
     held_out = _captioned(rngs[1], held, n_eval, image_size)
     zeroshot = {
         task: _write_zeroshot(task, root / "zeroshot" / task, {
-            "train": (rngs[2 + 2 * t], seen, n_probe), "test": (rngs[3 + 2 * t], held, n_eval),
+            "train": (rngs[2 + 2 * t], every, n_probe), "test": (rngs[3 + 2 * t], held, n_eval),
         }, image_size, shard_size)
         for t, task in enumerate(("shape", "colour"))
     }  # fmt: skip
