@@ -163,6 +163,8 @@ def run_open_clip_train(shards: Path, steps: int, batch: int, workers: int) -> d
         "",
         "--seed",
         "0",
+        "--grad-clip-norm",  # clipkit clips at 1.0 by default: same work on both sides
+        "1.0",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
     log = res.stdout + res.stderr

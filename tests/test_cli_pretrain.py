@@ -262,3 +262,43 @@ def test_json_config_and_pretrained_weights(tmp_path, demo_root):
         1,
     )
     _assert_user_error(res, "do not fit this model")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--resampled"],
+        ["--accum-steps", 2],
+        ["--grad-checkpointing"],
+        ["--schedule", "constant", "--samples", 64],
+    ],
+)
+def test_training_options(tmp_path, demo_root, extra):
+    run = tmp_path / "run"
+    steps = [] if "--samples" in extra else ["--steps", 2]
+    res = run_cli(
+        "pretrain",
+        "--data",
+        demo_root / "train",
+        "--out",
+        run,
+        "--model",
+        "test",
+        "--batch-size",
+        16,
+        "--workers",
+        1,
+        "--threads",
+        1,
+        "--log-every",
+        1,
+        *steps,
+        *extra,
+    )
+    assert res.exit_code == 0, res.output
+    state = checkpoint.load(run)
+    accum = 2 if "--accum-steps" in extra else 1
+    assert state["step"] == (4 if "--samples" in extra else 2)
+    assert state["samples_seen"] == state["step"] * 16 * accum
+    assert state["config"]["data"]["resampled"] == ("--resampled" in extra)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

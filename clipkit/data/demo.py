@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipkit.config import ConfigError
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 PLURALS = {s: s + "es" if s.endswith("s") else s + "s" for s in SHAPES}
 COLOURS = {  # base RGB, far apart so that colour names are learnable
@@ -381,14 +383,24 @@ def write_demo(
     `out/demo.json`). Existing `train`, `eval`, `zeroshot` and `demo.json` are replaced; other
     files are left alone. Everything is built in a hidden `out/.tmp-demo-*` folder and renamed
     into place only once complete, so a failure never leaves half-written shards."""
-    counts = (train_samples, eval_samples, probe_train_samples, shard_size)
-    if min(counts) < 1 or image_size < 16:
-        raise ValueError(f"sample counts and shard_size must be >= 1, image_size >= 16: {counts}")
+    sizes = {
+        "train_samples": train_samples,
+        "eval_samples": eval_samples,
+        "probe_train_samples": probe_train_samples,
+        "shard_size": shard_size,
+    }
+    for name, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1 (got {value})")
+    if image_size < 16:
+        raise ConfigError(f"image_size must be >= 16 (got {image_size})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-demo-", dir=out))
     try:
-        summary = _write_splits(tmp, seed, *counts[:3], image_size, shard_size)
+        summary = _write_splits(
+            tmp, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size
+        )
         (tmp / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
         for name in ("train", "eval", "zeroshot", "demo.json"):
             if (out / name).exists():  # park the old copy in tmp; the finally clause deletes it

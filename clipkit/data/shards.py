@@ -19,19 +19,28 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
 
 def seed_for(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (stable across processes and Python versions)."""
-    return int(
-        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-        >> 1
-    )
+    """A well-mixed 63-bit seed from integers (splitmix64 chained over the parts): stable across
+    processes and Python versions, and cheap enough to call once per sample (~2 us)."""
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h >> 1
 
 
 @dataclass
@@ -124,7 +133,9 @@ class ShardStream(IterableDataset):
             raise BadSample("no_image")
         image = decode_image(image_bytes, s.max_pixels)
         caption = decode_caption(raw.get(s.text_key), rng)
-        torch.manual_seed(sample_seed)  # augmentations draw from torch's global RNG
+        # Augmentations draw from torch's global CPU generator. Seed it directly: torch.manual_seed
+        # also queues lazy CUDA/XPU seeding with a formatted stack, ~0.7 ms per sample.
+        torch.default_generator.manual_seed(sample_seed)
         random.seed(sample_seed)
         out = self.sample_fn(image, caption)
         out["key"] = raw.get("__key__", "")
