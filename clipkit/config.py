@@ -37,6 +37,12 @@ class ModelConfig:
     image_size: int | None = None  # override the architecture's image size
     context_length: int | None = None  # override the text context length
     grad_checkpointing: bool = False
+    image_pool: str = "cls"  # cls | avg | max | gem | ggem | attn (clipkit.models.pooling)
+    text_tower: str | None = None  # hf:LOCAL_DIR: a Hugging Face text encoder
+    lock_image: bool = False  # LiT: freeze the image tower...
+    lock_image_unlocked_layers: int = 0  # ...except its last N blocks
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
     arch: dict = field(default_factory=dict)  # resolved architecture; filled in by models.build
 
 

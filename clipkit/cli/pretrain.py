@@ -44,6 +44,31 @@ FLAGS = [
     ),
     ("--image-size", "model.image_size", int, "Override the model's image size."),
     ("--context-length", "model.context_length", int, "Override the text context length."),
+    (
+        "--image-pool",
+        "model.image_pool",
+        str,
+        "Image token pooling of ViT towers: cls (default), avg, max, gem, ggem, attn.",
+    ),
+    (
+        "--text-tower",
+        "model.text_tower",
+        str,
+        "hf:LOCAL_DIR: a pretrained Hugging Face text "
+        "encoder from a local directory instead of the model's own text tower.",
+    ),
+    (
+        "--lock-image-unlocked-layers",
+        "model.lock_image_unlocked_layers",
+        int,
+        "With --lock-image: leave the last N image blocks trainable.",
+    ),
+    (
+        "--lock-text-unlocked-layers",
+        "model.lock_text_unlocked_layers",
+        int,
+        "With --lock-text: leave the last N text blocks trainable.",
+    ),
     ("--batch-size", "data.batch_size", int, "Samples per rank per micro-batch (default 64)."),
     ("--steps", "run.steps", int, "Optimizer steps to train (or give --samples)."),
     ("--samples", "run.samples", int, "Samples to train on, over all ranks (or give --steps)."),
@@ -140,6 +165,12 @@ SWITCHES = [
         "Recompute activations in backward to save memory.",
     ),
     ("--compile/--no-compile", "run.compile", "torch.compile the training step."),
+    (
+        "--lock-image/--no-lock-image",
+        "model.lock_image",
+        "LiT: freeze the image tower (excluded from the optimizer and weight decay).",
+    ),
+    ("--lock-text/--no-lock-text", "model.lock_text", "Freeze the text tower."),
     (
         "--attentive/--random-blocks",
         "method.attentive",

@@ -152,6 +152,12 @@ def resolve_arch(cfg: ModelConfig) -> dict:
             )
         arch = {"family": "open_clip", "model_cfg": copy.deepcopy(oc), "preprocess_cfg": {}}
     _apply_overrides(arch, cfg)
+    if cfg.image_pool != "cls":  # part of the architecture: pooling may carry weights
+        arch["image_pool"] = cfg.image_pool
+    if cfg.text_tower:
+        from clipkit.models.towers import apply_text_tower
+
+        apply_text_tower(arch, cfg.text_tower)
     return arch
 
 
@@ -170,6 +176,15 @@ def _apply_overrides(arch: dict, cfg: ModelConfig) -> None:
 
 def build_from_arch(arch: dict) -> nn.Module:
     """Instantiate a model (random weights) from a resolved architecture dict."""
+    model = _build_family(arch)
+    if arch.get("image_pool", "cls") != "cls":
+        from clipkit.models.pooling import apply_image_pool
+
+        apply_image_pool(model, arch["image_pool"])
+    return model
+
+
+def _build_family(arch: dict) -> nn.Module:
     if arch["family"] == "msclip":
         from clipkit.models.msclip import MSCLIP, MSCLIPConfig
 
@@ -196,6 +211,10 @@ def build(cfg: ModelConfig) -> nn.Module:
         pretrained = _local_dir_weights(Path(cfg.name[len("local-dir:") :]))
     if pretrained:
         load_pretrained(model, pretrained)
+    if cfg.lock_image or cfg.lock_text:
+        from clipkit.models.towers import lock_towers
+
+        lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
