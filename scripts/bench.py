@@ -7,9 +7,11 @@ inputs, alternating, several repeats, medians and the ratio. Prints a table and 
 
 Rows: train (clipkit pretrain vs open_clip_train.main), data (clipkit loader vs open_clip's
 get_wds_dataset), mfu (model FLOPs x samples/s over measured fp32 matmul rate), index (auto index
-vs exact flat search on synthetic clustered vectors). The open_clip reference runs in its own venv
-(.venv-openclip, made by scripts/setup_reference.sh) because open_clip_torch[training] pins an old
-webdataset.
+vs exact flat search on synthetic clustered vectors, and vs autofaiss's pick where
+.venv-autofaiss exists), zeroshot (clipkit zero-shot vs CLIP_benchmark's evaluate), memory (peak
+RSS of `retrieve eval` against the N x N matrix a non-chunked evaluation builds). The open_clip
+reference runs in its own venv (.venv-openclip, made by scripts/setup_reference.sh) because
+open_clip_torch[training] pins an old webdataset.
 """
 
 from __future__ import annotations
@@ -238,6 +240,78 @@ def row_index(quick: bool, repeats: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def row_zeroshot(quick: bool, repeats: int) -> dict:
+    demo_data()
+    script = ROOT / "scripts/bench/zeroshot_bench.py"
+    out = subprocess.run(
+        [str(PY), str(script), str(BENCH_DIR / "data"), "tiny-64", str(repeats)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def row_memory(quick: bool, repeats: int) -> dict:
+    """Peak RSS of `retrieve eval` at N pairs (exact + index recall, no N x N matrix), against
+    the N x N float32 similarity matrix a non-chunked evaluation (CLIP_benchmark's) builds."""
+    n = 20_000 if quick else 100_000
+    data = BENCH_DIR / f"pairs-{n}"
+    if not (data / "demo.json").is_file():
+        subprocess.run(
+            [
+                str(PY),
+                "-m",
+                "clipkit",
+                "data",
+                "demo",
+                "--out",
+                str(data),
+                "--train-samples",
+                "1",
+                "--eval-samples",
+                str(n),
+                "--probe-train-samples",
+                "1",
+                "--image-size",
+                "32",
+                "--shard-size",
+                "5000",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(
+        [
+            str(PY),
+            "-m",
+            "clipkit",
+            "retrieve",
+            "eval",
+            "--model",
+            "test",
+            "--data",
+            str(data / "eval"),
+            "--batch-size",
+            "256",
+            "--workers",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    peak_mb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    matrix_mb = n * n * 4 / 2**20
+    return {
+        "row": f"memory: retrieve eval peak RSS at {n} pairs, MB (reference: the N x N "
+        "similarity matrix alone)",
+        "clipkit": peak_mb,
+        "reference": matrix_mb,
+        "ratio": matrix_mb / peak_mb,
+    }
+
+
 def _row(name: str, ours: list[float], ref: list[float], extra: dict | None = None) -> dict:
     a, b = statistics.median(ours), statistics.median(ref)
     return {
@@ -251,7 +325,14 @@ def _row(name: str, ours: list[float], ref: list[float], extra: dict | None = No
     }
 
 
-ROWS = {"train": row_train, "data": row_data, "mfu": row_mfu, "index": row_index}
+ROWS = {
+    "train": row_train,
+    "data": row_data,
+    "mfu": row_mfu,
+    "index": row_index,
+    "zeroshot": row_zeroshot,
+    "memory": row_memory,
+}
 
 
 def main() -> None:
@@ -259,7 +340,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="Small sizes, 2 repeats (a few minutes).")
-    ap.add_argument("--rows", default="train,data,mfu,index", help="Comma-separated rows.")
+    ap.add_argument("--rows", default=",".join(ROWS), help="Comma-separated rows.")
     ap.add_argument("--repeats", type=int, default=None, help="Alternating repeats per row.")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-results.json"), help="JSON output.")
     args = ap.parse_args()

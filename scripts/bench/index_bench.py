@@ -2,8 +2,11 @@
 Queries are held-out perturbed points. Prints one JSON line. Usage: index_bench.py N [BUDGET_MB]"""
 
 import json
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -36,6 +39,29 @@ for q in queries[:100]:
     flat.search(q[None], 10)
     lat.append((time.perf_counter() - t) * 1000)
 flat_ms = float(np.median(lat))
+
+# autofaiss's pick for the same vectors, budget and queries (its own venv: it pins faiss-cpu).
+autofaiss = None
+ref_py = Path(__file__).resolve().parents[2] / ".venv-autofaiss" / "bin" / "python"
+if ref_py.exists():
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/x.npy", x)
+        np.save(f"{tmp}/q.npy", queries)
+        out = subprocess.run(
+            [
+                str(ref_py),
+                str(Path(__file__).parent / "autofaiss_index.py"),
+                f"{tmp}/x.npy",
+                f"{tmp}/q.npy",
+                str(budget // 2**20),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode == 0:
+            autofaiss = json.loads(out.stdout.strip().splitlines()[-1])
+        else:
+            autofaiss = {"error": out.stderr.strip().splitlines()[-1][:300]}
 print(
     json.dumps(
         {
