@@ -9,4 +9,5 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import autofaiss" 2>/dev/
 fi
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q autofaiss
+# autofaiss pins numpy<2; the newest pyarrow needs numpy>=2
+"$VENV/bin/python" -m pip install -q autofaiss "pyarrow<20"
