@@ -65,7 +65,8 @@ if ref_py.exists():
 print(
     json.dumps(
         {
-            "row": f"index: auto ({report['index_type']}) vs flat, {n} x {dim}, "
+            "row": f"index: auto ({choice.factory}, budget {budget / 2**20:.0f} MB) vs flat, "
+            f"{n} x {dim}, "
             f"recall@10 {tuning['recall']:.3f}",
             "clipkit": report["median_query_ms"],
             "reference": flat_ms,
@@ -76,6 +77,7 @@ print(
             "size_bytes": report["size_bytes"],
             "factory": choice.factory,
             "search_param": {tuning["param"]: tuning["value"]},
+            "autofaiss": autofaiss,
         }
     )
 )
