@@ -11,6 +11,7 @@ The folder is written under a temporary name and renamed into place when complet
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -66,7 +67,13 @@ def open_clip_config(arch: dict) -> dict[str, Any]:
 
     pp = factory.preprocess_cfg(arch)
     preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
-    return {"model_cfg": arch["model_cfg"], "preprocess_cfg": preprocess}
+    model_cfg = copy.deepcopy(arch["model_cfg"])
+    pool = arch.get("image_pool", "cls")
+    if pool != "cls":  # only poolings open_clip has (avg) export; the rest raise a clear error
+        from clipkit.models.pooling import open_clip_pool_type
+
+        model_cfg["vision_cfg"]["pool_type"] = open_clip_pool_type(pool)
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
 def export_open_clip(
@@ -86,11 +93,11 @@ def export_open_clip(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    config = open_clip_config(arch)  # before writing anything: unexportable poolings fail here
     tensors = _state_dict(state, weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        config = open_clip_config(arch)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         weights_file = _write_weights(tmp, tensors)
         if out.exists():

@@ -71,6 +71,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _timm_presets() -> dict[str, dict]:
+    from clipkit.models.timm_presets import TIMM_PRESETS
+
+    return TIMM_PRESETS
+
+
 def _msclip_presets() -> dict[str, dict]:
     import importlib.util
 
@@ -87,6 +93,7 @@ def list_models() -> dict[str, list[str]]:
 
     return {
         "clipkit": sorted(PRESETS),
+        "timm towers": sorted(_timm_presets()),
         "msclip": sorted(_msclip_presets()),
         "open_clip": open_clip.list_models(),
     }
@@ -121,10 +128,11 @@ def resolve_arch(cfg: ModelConfig) -> dict:
     """The full architecture for `cfg.name` with image-size / context-length overrides applied."""
     name = cfg.name
     msclip = _msclip_presets()
-    if name in PRESETS:
+    timm = _timm_presets()
+    if name in PRESETS or name in timm:
         arch = {
             "family": "open_clip",
-            "model_cfg": copy.deepcopy(PRESETS[name]),
+            "model_cfg": copy.deepcopy(PRESETS.get(name) or timm[name]),
             "preprocess_cfg": {},
         }
     elif name in msclip:
@@ -176,7 +184,10 @@ def _apply_overrides(arch: dict, cfg: ModelConfig) -> None:
 
 def build_from_arch(arch: dict) -> nn.Module:
     """Instantiate a model (random weights) from a resolved architecture dict."""
-    model = _build_family(arch)
+    return _apply_pool(_build_family(arch), arch)
+
+
+def _apply_pool(model: nn.Module, arch: dict) -> nn.Module:
     if arch.get("image_pool", "cls") != "cls":
         from clipkit.models.pooling import apply_image_pool
 
@@ -185,6 +196,11 @@ def build_from_arch(arch: dict) -> nn.Module:
 
 
 def _build_family(arch: dict) -> nn.Module:
+    if "timm_model_name" in arch.get("model_cfg", {}).get("vision_cfg", {}):
+        # clipkit's tiny timm variants are registered names: needed in every process
+        from clipkit.models.timm_presets import register_timm_models
+
+        register_timm_models()
     if arch["family"] == "msclip":
         from clipkit.models.msclip import MSCLIP, MSCLIPConfig
 
@@ -205,12 +221,17 @@ def build(cfg: ModelConfig) -> nn.Module:
     """Build the model for a run; fills `cfg.arch` so it is saved with the run."""
     arch = cfg.arch or resolve_arch(cfg)
     cfg.arch = arch
-    model = build_from_arch(arch)
+    model = _build_family(arch)  # pooling is added after the weights: they never hold it
     pretrained = cfg.pretrained
     if pretrained is None and cfg.name.startswith("local-dir:"):
         pretrained = _local_dir_weights(Path(cfg.name[len("local-dir:") :]))
     if pretrained:
         load_pretrained(model, pretrained)
+    if cfg.text_tower and not pretrained:
+        from clipkit.models.towers import load_text_tower_weights
+
+        load_text_tower_weights(model, cfg.text_tower)
+    _apply_pool(model, arch)
     if cfg.lock_image or cfg.lock_text:
         from clipkit.models.towers import lock_towers
 

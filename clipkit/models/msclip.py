@@ -241,6 +241,8 @@ class MSCLIPVisual(nn.Module):
             )
         self.ln_post = LayerNorm(W)
         self.proj = nn.Parameter(torch.empty(W, cfg.embed_dim))
+        self.heads = cfg.heads
+        self.image_pool: nn.Module | None = None  # patch-token pooling; None: [CLS] (pooling.py)
         self.grad_checkpointing = False
 
     def forward_tokens(self, image: torch.Tensor) -> torch.Tensor:
@@ -265,7 +267,10 @@ class MSCLIPVisual(nn.Module):
         return x
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.ln_post(self.forward_tokens(image)[:, 0]) @ self.proj  # (B, embed_dim)
+        x = self.forward_tokens(image)  # (B, 1 + N, width)
+        if self.image_pool is None:
+            return self.ln_post(x[:, 0]) @ self.proj  # (B, embed_dim)
+        return self.image_pool(self.ln_post(x[:, 1:])) @ self.proj
 
 
 def _run_block(blk: Block, x: torch.Tensor, causal: bool, ckpt: bool) -> torch.Tensor:

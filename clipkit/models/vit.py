@@ -73,7 +73,9 @@ def keep_tokens(tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
 def _pool_and_project(
     visual: VisionTransformer, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    pooled, _ = visual._pool(x)  # open_clip's own pooling: ln_post + [CLS] / avg / attn pool
+    # The tower's pooling: open_clip's (ln_post + [CLS] / avg / attn pool) or clipkit's
+    # `--image-pool` (pooling.apply_image_pool overrides `_pool`), over the kept tokens only.
+    pooled, _ = visual._pool(x)
     features = pooled @ visual.proj if visual.proj is not None else pooled
     return pooled, features
 
