@@ -215,6 +215,22 @@ def zero_shot(
     help="Feature cache (default $CLIPKIT_CACHE or ~/.cache/clipkit/features).",
 )
 @click.option("--no-cache", is_flag=True, help="Always recompute the features.")
+@click.option(
+    "--method",
+    "probe_method",
+    type=click.Choice(["linear", "vqt"]),
+    default="linear",
+    show_default=True,
+    help="linear: logistic regression on cached features; vqt: Visual Query Tuning "
+    "(Tang et al., arXiv 2212.03220), learnable queries in every frozen ViT layer + a linear head.",
+)
+@click.option("--vqt-queries", default=5, show_default=True, help="vqt: query tokens per layer.")
+@click.option("--vqt-epochs", default=10, show_default=True, help="vqt: passes over train.")
+@click.option("--vqt-lr", default=1e-3, show_default=True, help="vqt: AdamW learning rate.")
+@click.option(
+    "--vqt-weight-decay", default=1e-4, show_default=True, help="vqt: AdamW weight decay."
+)
+@click.option("--vqt-batch-size", default=32, show_default=True, help="vqt: training batch.")
 @model_options
 @run_options
 def probe(
@@ -231,6 +247,12 @@ def probe(
     val_fraction,
     cache_dir,
     no_cache,
+    probe_method,
+    vqt_queries,
+    vqt_epochs,
+    vqt_lr,
+    vqt_weight_decay,
+    vqt_batch_size,
     checkpoint,
     model,
     pretrained,
@@ -241,12 +263,14 @@ def probe(
     max_bad_fraction,
     output,
 ):
-    """Linear probe on frozen image features (weight decay swept on a validation split).
+    """Linear probe on frozen image features (weight decay swept on a validation split), or a
+    Visual Query Tuning probe (--method vqt) on the frozen ViT.
 
     \b
     Examples:
       clipkit probe demo --data-root demo_data --checkpoint runs/demo
       clipkit probe folder --data-root /data/pets --checkpoint runs/x --shots 16 --seeds 3
+      clipkit probe demo --data-root demo_data --checkpoint runs/demo --method vqt --vqt-queries 5
     """
     from pathlib import Path
 
@@ -271,6 +295,33 @@ def probe(
         )
         for split in (train_split, test_split)
     ]
+    if probe_method == "vqt":
+        if shots is not None:
+            fail("--shots is not supported with --method vqt")
+        from clipkit.eval.vqt import run_vqt_probe
+
+        result = run_guarded(
+            run_vqt_probe,
+            loaded,
+            *sets,
+            device=dev,
+            num_queries=vqt_queries,
+            epochs=vqt_epochs,
+            lr=vqt_lr,
+            weight_decay=vqt_weight_decay,
+            batch_size=vqt_batch_size,
+            workers=workers,
+            seed=seed,
+            max_bad_fraction=max_bad_fraction,
+        )
+        c = result["clipkit"]
+        title = (
+            f"VQT probe {sets[0].name} ({vqt_queries} queries/layer, {vqt_epochs} epochs; "
+            f"{c['num_train']} train / {c['num_samples']} test images, {c['num_classes']} classes)"
+        )
+        click.echo(table(_metric_rows(result["metrics"]), title))
+        write_output(output, result)
+        return
     cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
     try:
         result = run_guarded(
