@@ -356,8 +356,9 @@ def tune_index(
 ) -> dict[str, Any]:
     """Raise nprobe (IVF) or efSearch (HNSW) until k-recall@k against brute force >= target.
 
-    `vectors` are the rows the index holds (ids = row numbers). Queries are `queries` if given,
-    else `make_queries` (perturbed database rows). Ground truth is exact inner-product search.
+    `vectors` are the rows the index holds (ids = row numbers). Queries are `queries` if given
+    (a seeded sample of `n_queries` of them when there are more), else `make_queries`
+    (perturbed database rows). Ground truth is exact inner-product search.
     The sweep stops at the first value reaching `target_recall`; if none does (or the next
     value's batched per-query time exceeds `max_latency_ms`), the best recall seen is chosen.
     The index is left set to the chosen value. Latencies: batched search time / queries, and
@@ -370,7 +371,13 @@ def tune_index(
             f"got {x.shape[0]} x {x.shape[1]}"
         )
     k = min(k, int(index.ntotal))
-    q = make_queries(x, n_queries, seed, query_noise) if queries is None else _as_matrix(queries)
+    if queries is None:
+        q = make_queries(x, n_queries, seed, query_noise)
+    else:  # a seeded sample: exact ground truth for every caption of a big set costs minutes
+        q = _as_matrix(queries)
+        if len(q) > n_queries:
+            rows = np.random.default_rng(seed).choice(len(q), n_queries, replace=False)
+            q = q[np.sort(rows)]
     if q.shape[1] != index.d:
         raise IndexMismatchError(f"queries have dimension {q.shape[1]}, the index {index.d}")
     _, truth = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) exact
