@@ -40,30 +40,34 @@ TINY = {
 }
 
 
+def write_demo(out: Path, train: int, eval_: int, probe: int, size: int, shard: int) -> Path:
+    """The built-in demo data, written once and reused by later runs."""
+    if not (out / "demo.json").is_file():
+        cmd = [
+            str(PY),
+            "-m",
+            "clipkit",
+            "data",
+            "demo",
+            "--out",
+            str(out),
+            "--train-samples",
+            str(train),
+            "--eval-samples",
+            str(eval_),
+            "--probe-train-samples",
+            str(probe),
+            "--image-size",
+            str(size),
+            "--shard-size",
+            str(shard),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
 def demo_data() -> Path:
-    data = BENCH_DIR / "data"
-    if not (data / "demo.json").is_file():
-        subprocess.run(
-            [
-                str(PY),
-                "-m",
-                "clipkit",
-                "data",
-                "demo",
-                "--out",
-                str(data),
-                "--train-samples",
-                "5000",
-                "--eval-samples",
-                "1000",
-                "--probe-train-samples",
-                "500",
-                "--shard-size",
-                "1000",
-            ],
-            check=True,
-        )
-    return data / "train"
+    return write_demo(BENCH_DIR / "data", 5000, 1000, 500, 64, 1000) / "train"
 
 
 def shard_pattern(folder: Path) -> str:
@@ -271,32 +275,8 @@ def row_zeroshot(quick: bool, repeats: int) -> dict:
 def row_memory(quick: bool, repeats: int) -> dict:
     """Peak RSS of `retrieve eval` at N pairs (exact + index recall, no N x N matrix), against
     the N x N float32 similarity matrix a non-chunked evaluation (CLIP_benchmark's) builds."""
-    n = 100_000  # the issue's size; quick mode too (about 3 minutes here)
-    data = BENCH_DIR / f"pairs-{n}"
-    if not (data / "demo.json").is_file():
-        subprocess.run(
-            [
-                str(PY),
-                "-m",
-                "clipkit",
-                "data",
-                "demo",
-                "--out",
-                str(data),
-                "--train-samples",
-                "1",
-                "--eval-samples",
-                str(n),
-                "--probe-train-samples",
-                "1",
-                "--image-size",
-                "32",
-                "--shard-size",
-                "5000",
-            ],
-            check=True,
-            capture_output=True,
-        )
+    n = 100_000  # the issue's size, in quick mode too (about 12 minutes on 2 cores)
+    data = write_demo(BENCH_DIR / f"pairs-{n}", 1, n, 1, 32, 5000)
     cmd = [
         str(PY),
         "-m",
