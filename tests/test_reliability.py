@@ -96,6 +96,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, demo_root):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"--resume" in out
+    assert (run / "curves.png").is_file()
     state = checkpoint.load(run)
     assert 1 <= state["step"] < 100000
 

@@ -116,8 +116,7 @@ class Trainer:
                 ):
                     self.save()
                 if self._agree_to_stop():
-                    self.save()
-                    return {"stopped_by": self.stop_requested, **self._summary()}
+                    break
             self.save()
         finally:
             for s, handler in old.items():
@@ -125,9 +124,10 @@ class Trainer:
             if progress is not None:
                 progress.close()
             self.runlog.close()
-        if self.dist.is_main:
+        if self.dist.is_main:  # curves for preempted runs too
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
-        return self._summary()
+        stopped = {"stopped_by": self.stop_requested} if self.stop_requested else {}
+        return {**stopped, **self._summary()}
 
     def _train_step(self, batches) -> tuple[dict, float]:
         cfg, state = self.cfg, self.state
