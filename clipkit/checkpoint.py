@@ -16,26 +16,13 @@ from pathlib import Path
 
 import torch
 
+from clipkit.fileio import atomic_write_bytes
+
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, corrupt, not clipkit's); a user-facing error."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save(state: dict, path: str | Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError
+from clipkit.fileio import replace_dir
 
 CONFIG_NAME = "open_clip_config.json"
 
@@ -100,11 +100,7 @@ def export_open_clip(
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         weights_file = _write_weights(tmp, tensors)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from clipkit.cli.main import fail, run_guarded
+from clipkit.cli.main import fail, run_guarded, stack_options
 
 DATASET_CHOICE = click.Choice(["imagenet", "folder", "wds", "demo"])
 
@@ -36,9 +36,7 @@ def model_options(fn):
             help="Which weights of the checkpoint: the trained ones, or the EMA copy (A-CLIP).",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack_options(fn, options)
 
 
 def run_options(fn):
@@ -67,9 +65,7 @@ def run_options(fn):
             help="Write the results JSON (CLIP_benchmark's shape + a clipkit block) here.",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack_options(fn, options)
 
 
 def dataset_options(fn):
@@ -100,9 +96,7 @@ def dataset_options(fn):
             help="Class names file, one per line in class-index order (folder, wds).",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack_options(fn, options)
 
 
 def load_for_eval(checkpoint, model, pretrained, weights, device):

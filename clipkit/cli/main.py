@@ -88,6 +88,13 @@ def user_errors():
     return tuple(types)
 
 
+def stack_options(fn, options: list):
+    """Apply click decorators so `--help` lists them in the order given."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def run_guarded(fn, *args, **kwargs):
     """Call a library function; user mistakes become one-line errors with exit 2."""
     try:

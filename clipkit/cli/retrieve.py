@@ -11,7 +11,7 @@ import re
 import click
 
 from clipkit.cli.evaluate import load_for_eval, model_options, write_output
-from clipkit.cli.main import fail, run_guarded
+from clipkit.cli.main import fail, run_guarded, stack_options
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
 
@@ -66,9 +66,7 @@ def index_options(fn):
         ),
         click.option("--seed", default=0, show_default=True, help="Seed of index training."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack_options(fn, options)
 
 
 def data_options(fn):
@@ -92,9 +90,7 @@ def data_options(fn):
             help="Unreadable images are skipped and counted; stop if more than this share is.",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack_options(fn, options)
 
 
 @click.group()
@@ -249,8 +245,8 @@ def search(index_dir, text, image, k, as_json, html, checkpoint, device):
     if html:
         from pathlib import Path
 
-        from clipkit.checkpoint import atomic_write_bytes
         from clipkit.eval.gallery import gallery_html
+        from clipkit.fileio import atomic_write_bytes
 
         label = f"text: {text}" if text else f"image: {image}"
         page = gallery_html(label, hits, f"top {k} of {idx.index.ntotal} from {index_dir}")

@@ -8,8 +8,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from clipkit.checkpoint import atomic_write_bytes
 from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
+from clipkit.fileio import atomic_write_bytes
 
 SIZE_BINS = (64, 128, 256, 512, 1024, 2048)
 

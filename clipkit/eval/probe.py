@@ -14,10 +14,10 @@ on test with CLIP_benchmark's metric names (`lp_acc1`, `lp_acc5`, `lp_mean_per_c
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.eval.metrics import classification_metrics
+from clipkit.fileio import atomic_write_bytes
 
 DEFAULT_WD_GRID = tuple(float(w) for w in np.logspace(-6, 0, 7))
 _METRICS = ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")
@@ -259,14 +260,7 @@ def cached_features(
             return f["x"], f["y"]
     x, y = (_numpy(a) for a in compute_fn())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y, key=np.array(json.dumps(key_parts, sort_keys=True, default=str)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y, key=np.array(json.dumps(key_parts, sort_keys=True, default=str)))
+    atomic_write_bytes(path, buf.getvalue())
     return x, y

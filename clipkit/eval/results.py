@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from clipkit.checkpoint import atomic_write_bytes
+from clipkit.fileio import atomic_write_bytes
 
 _PACKAGES = ("clipkit", "torch", "open_clip_torch", "faiss-gpu", "faiss-cpu", "numpy")
 

@@ -35,6 +35,7 @@ from clipkit.eval.embed import (
     progress,
 )
 from clipkit.eval.metrics import retrieval_recall, retrieval_recall_from_index
+from clipkit.fileio import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def build_index_dir(
             skipped_images=emb.skipped.count,
         )
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -223,17 +224,6 @@ def _write_metadata(path: Path, emb: PairEmbeddings) -> None:
                 "source": str(Path(src).resolve()),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and deleted afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

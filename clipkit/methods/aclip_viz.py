@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from clipkit.checkpoint import atomic_write_bytes
 from clipkit.config import ConfigError, DataConfig
 from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD
+from clipkit.fileio import atomic_write_bytes
 
 ACLIP_FAMILY = ("aclip", "aclip-eff", "attmask-high")  # methods with a teacher-driven token choice
 

@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from clipkit.fileio import atomic_write_bytes
+
 log = logging.getLogger("clipkit")
 
 
@@ -29,9 +31,7 @@ class RunLog:
         if not self.enabled or not self.path.is_file():
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write(self, record: dict) -> None:
         if not self.enabled:
