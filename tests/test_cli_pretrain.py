@@ -112,7 +112,12 @@ def test_resume_continues_at_step_lr_and_samples(tmp_path, demo_root):
     cfg = OptimConfig(lr=1e-3, warmup=2)
     for r in recs[3:]:  # lr logged at step s was set for update s-1 of the 6-step schedule
         assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 6, cfg), rel=1e-9)
-    assert checkpoint.load(run)["step"] == 6
+    saved = checkpoint.load(run)
+    assert saved["step"] == 6
+    # training time accumulates across the resume (never restarts from zero)
+    seconds = [r["train_seconds"] for r in recs]
+    assert all(b > a > 0 for a, b in zip(seconds, seconds[1:])), seconds
+    assert saved["train_seconds"] == pytest.approx(seconds[-1], abs=1e-3)
 
 
 def _assert_user_error(res, needle):

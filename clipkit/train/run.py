@@ -135,4 +135,9 @@ def _restore(saved: dict, method, optimizer, dist: DistInfo, workers: int) -> Tr
     torch.set_rng_state(saved["rng"]["torch"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng"]["cuda"], torch.cuda.current_device())
-    return TrainState(step=saved["step"], samples_seen=saved["samples_seen"], position=position)
+    return TrainState(
+        step=saved["step"],
+        samples_seen=saved["samples_seen"],
+        position=position,
+        train_seconds=saved.get("train_seconds", 0.0),
+    )

@@ -37,6 +37,7 @@ class TrainState:
     bad: Counter = field(default_factory=Counter)  # bad samples by reason (this rank)
     bad_shards: Counter = field(default_factory=Counter)
     nonfinite_steps: int = 0
+    train_seconds: float = 0.0  # wall-clock of the steps so far (checkpoint writes excluded)
 
 
 class Trainer:
@@ -101,7 +102,9 @@ class Trainer:
         window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
         try:
             while self.state.step < self.total_steps:
+                t_step = time.perf_counter()
                 parts, wait = self._train_step(batches)
+                self.state.train_seconds += time.perf_counter() - t_step
                 window["wait"] += wait
                 window["samples"] += self.global_batch
                 if (
@@ -233,6 +236,7 @@ class Trainer:
         record = {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
+            "train_seconds": round(self.state.train_seconds, 3),
             **values,
             "lr": self.optimizer.param_groups[0]["lr"]
             / self.optimizer.param_groups[0].get("lr_mult", 1.0),
@@ -321,6 +325,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
+            "train_seconds": self.state.train_seconds,
             "data_position": positions,
             "world_size": self.dist.world_size,
             "workers": self.cfg.data.workers,
