@@ -8,8 +8,10 @@
   `image_retrieval_recall@k` = fraction of texts whose image is among the top-k images;
   `text_retrieval_recall@k` = fraction of images with at least one of their captions among the
   top-k texts (an image without captions counts as a miss, as CLIP_benchmark's 0/0 > 0 does).
-  The per-k `torch.topk` calls and the float32 mean are the same; only the score matrix is built
-  `chunk_size` rows at a time, so memory is O(chunk_size * N), never N_txt x N_img.
+  The score matrix is built `chunk_size` rows at a time, so memory is O(chunk_size * N), never
+  N_txt x N_img, and each chunk gets one `torch.topk(max(ks))` sliced for every k where
+  CLIP_benchmark calls `topk(k)` once per k; the sets are the same, ties included, and the float32
+  mean is the same.
   Where CLIP_benchmark raises for k > N, k is clipped to N (recall 1).
 """
 
@@ -83,6 +85,27 @@ def _check_pairs(n_images: int, text_to_image: torch.Tensor) -> None:
         raise ValueError(f"text_to_image holds indices outside [0, {n_images})")
 
 
+def _topk_per_k(scores: torch.Tensor, ks: Sequence[int], k_max: int) -> dict[int, torch.Tensor]:
+    """Indices of the top min(k, k_max) scores per row, for each k, from one `topk(k_max)`.
+
+    The first k of a top-`k_max` are the top-k set unless the k-th and (k+1)-th scores tie;
+    only those rows (rare with float features) get their own `topk(k)`, so ties at the
+    boundary resolve exactly as CLIP_benchmark's per-k calls resolve them.
+    """
+    values, indices = scores.topk(k_max, dim=1)  # (c, k_max), best first
+    out = {}
+    for k in ks:
+        n = min(k, k_max)
+        top = indices[:, :n]
+        if n < k_max:
+            tied = (values[:, n - 1] == values[:, n]).nonzero().flatten()
+            if len(tied):
+                top = top.clone()
+                top[tied] = scores[tied].topk(n, dim=1).indices
+        out[k] = top
+    return out
+
+
 def retrieval_recall(
     image_features: Any,
     text_features: Any,
@@ -102,19 +125,20 @@ def retrieval_recall(
     _check_pairs(len(images), t2i)
     if len(texts) != len(t2i):
         raise ValueError(f"{len(texts)} text features but {len(t2i)} text_to_image entries")
-    image_hits = {k: [] for k in ks}
-    text_hits = {k: [] for k in ks}
+    image_hits: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    text_hits: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    k_img, k_txt = min(max(ks), len(images)), min(max(ks), len(texts))
     for start in range(0, len(texts), chunk_size):
         scores = texts[start : start + chunk_size] @ images.T  # (c, N_img)
-        for k in ks:
-            top = scores.topk(min(k, len(images)), dim=1).indices
-            image_hits[k].append(_image_hits(top, t2i[start : start + chunk_size]))
+        owners = t2i[start : start + chunk_size]
+        for k, top in _topk_per_k(scores, ks, k_img).items():
+            image_hits[k].append(_image_hits(top, owners))
     for start in range(0, len(images), chunk_size):
-        # Rows of CLIP_benchmark's scores.T: this chunk of images against every text.
-        scores = (texts @ images[start : start + chunk_size].T).T  # (c, N_txt)
+        # Rows of CLIP_benchmark's scores.T: this chunk of images against every text, copied
+        # to contiguous rows so topk scans memory in order.
+        scores = (texts @ images[start : start + chunk_size].T).T.contiguous()  # (c, N_txt)
         rows = torch.arange(start, start + len(scores), device=images.device)
-        for k in ks:
-            top = scores.topk(min(k, len(texts)), dim=1).indices
+        for k, top in _topk_per_k(scores, ks, k_txt).items():
             text_hits[k].append(_text_hits(top, rows, t2i))
     return _recall_dict(image_hits, text_hits, ks)
 
