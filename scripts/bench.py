@@ -247,7 +247,7 @@ def row_index(quick: bool, repeats: int) -> dict:
 
 
 def row_index_tight(quick: bool, repeats: int) -> dict:
-    """Vectors under a budget of a quarter of their raw float32 size (OPQ training is slow)."""
+    """Vectors under a budget of a quarter of their raw float32 size: compressed codes only."""
     n = 20_000 if quick else 1_000_000
     return _index_row(n, budget_mb=n * 256 * 4 / 4 / 2**20)
 

@@ -66,13 +66,18 @@ def test_auto_index_tunes_to_target_recall(x20k, budget, kind, factory):
 def test_choose_index_rules():
     assert ix.choose_index(9_999, 32, 10**9).kind == "flat"
     assert ix.choose_index(10_000, 32, 10**9).kind == "hnsw"
-    # n=20k, d=32: flat 2.56 MB, HNSW 20k*(128+256+16) = 8.0 MB,
-    # IVF-Flat 20k*136 + 512*128 = 2,785,536 B, OPQ8_32,IVF512,PQ8x8 = 422,400 B.
+    # n=20k, d=32, nlist 512: flat 2.56 MB, HNSW 20k*(128+256+16) = 8.0 MB,
+    # IVF-Flat 20k*136 + 512*128 = 2,785,536 B; IVF-SQ8 20k*(32+8) + 512*(128+8) + 8*32 + 1024
+    # = 870,912 B, SQ6 (24-byte codes) 710,912 B, SQ4 550,912 B; OPQ8_32,IVF512,PQ8x8 422,400 B.
     hnsw = ix.choose_index(20_000, 32, 8_000_000)
     assert hnsw.kind == "hnsw" and hnsw.estimated_bytes == 8_000_000
     ivf = ix.choose_index(20_000, 32, 7_999_999)
     assert (ivf.factory, ivf.estimated_bytes) == ("IVF512,Flat", 2_785_536)
-    pq = ix.choose_index(20_000, 32, 2_785_535)
+    sq8 = ix.choose_index(20_000, 32, 2_785_535)
+    assert (sq8.kind, sq8.factory, sq8.estimated_bytes) == ("ivf-sq", "IVF512,SQ8", 870_912)
+    assert ix.choose_index(20_000, 32, 870_911).factory == "IVF512,SQ6"
+    assert ix.choose_index(20_000, 32, 550_912).factory == "IVF512,SQ4"
+    pq = ix.choose_index(20_000, 32, 550_911)
     assert (pq.kind, pq.factory, pq.estimated_bytes) == ("ivf-pq", "OPQ8_32,IVF512,PQ8x8", 422_400)
     assert ix.choose_index(20_000, 32, 400_000).factory == "OPQ4_32,IVF512,PQ4x8"
     with pytest.raises(ix.IndexBudgetError):
@@ -82,21 +87,70 @@ def test_choose_index_rules():
     assert ix.choose_index(6_000_000, 32, 10**12).kind == "ivf-flat"
     assert ix.choose_index(10**6, 64, 10**12, kind="ivf-flat").params["nlist"] == 4096
     assert ix.choose_index(10**9, 64, 10**13, kind="ivf-flat").params["nlist"] == 65536
+    assert ix.choose_index(20_000, 32, 1, kind="ivf-sq").factory == "IVF512,SQ4"
     with pytest.raises(ValueError, match="unknown index kind"):
         ix.choose_index(100, 8, 10**9, kind="lsh")
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat", "ivf-pq"])
+def test_tight_budget_fits_and_reaches_target(tmp_path):
+    """A third of the raw float32 size: no HNSW / IVF-Flat, and still recall@10 >= 0.95."""
+    x = clustered(4000, 64, seed=6)
+    budget = x.nbytes // 3  # 341,333 B; IVF-Flat needs 4000*264 + 102*256 = 1,082,112 B
+    choice = ix.choose_index(len(x), 64, budget)
+    # nlist = min(256, 4000 // 39) = 102; 8-bit residuals + int64 ids, centroids, SQ ranges
+    assert (choice.kind, choice.factory) == ("ivf-sq", "IVF102,SQ8")
+    assert choice.estimated_bytes == 4000 * (64 + 8) + 102 * (256 + 8) + 512 + 1024 <= budget
+    index = ix.build_index(x, max_memory_bytes=budget)
+    path = tmp_path / "tight.faiss"
+    ix.save_index(index, path)
+    measured = path.stat().st_size
+    assert measured <= choice.estimated_bytes and measured > 0.95 * choice.estimated_bytes
+    tuning = ix.tune_index(index, x, target_recall=0.95, k=10, n_queries=300, seed=7)
+    assert tuning["reached"] and tuning["recall"] >= 0.95
+    q = ix.make_queries(x, 300, 7, 0.1)
+    _, truth = brute_force(x, q, 10)
+    assert tuning["param"] == "nprobe"
+    loaded = ix.load_index(path)  # memory-mapped, searched at the tuned nprobe
+    faiss.extract_index_ivf(loaded).nprobe = tuning["value"]
+    _, found = ix.search(loaded, q, 10)
+    mine = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+    assert mine == pytest.approx(tuning["recall"], abs=1e-9)
+    report = ix.index_report(index, factory=choice.factory, tuning=tuning)
+    assert report["reached"] is True and ix.shortfall_message(report, budget) is None
+
+
+def test_missed_target_is_reported():
+    """Codes too coarse for the target: `reached` is False and one line says what would help."""
+    x = clustered(4000, 64, seed=8)
+    choice = ix.choose_index(len(x), 64, 0, kind="ivf-sq")  # the smallest: 4-bit residuals
+    assert choice.factory == "IVF102,SQ4"
+    index = ix.build_index(x, kind="ivf-sq", max_memory_bytes=0)
+    tuning = ix.tune_index(index, x, target_recall=0.999, k=10, n_queries=200, seed=9)
+    assert not tuning["reached"] and tuning["recall"] < 0.999
+    assert tuning["sweep"][-1]["value"] == 102  # it tried every nprobe up to nlist
+    report = ix.index_report(index, factory=choice.factory, tuning=tuning)
+    assert report["reached"] is False
+    message = ix.shortfall_message(report, 200_000)
+    sq6 = 4000 * (48 + 8) + 102 * (256 + 8) + 512 + 1024  # 252,464 B
+    assert message == (
+        f"warning: IVF102,SQ4 reached recall@10 {tuning['recall']:.3f} < target 0.999 under the "
+        f"200,000 B budget; the next more accurate index (IVF102,SQ6) needs "
+        f"~{sq6:,} B (raise --max-memory)"
+    )
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat", "ivf-sq", "ivf-pq"])
 @pytest.mark.parametrize("mmap", [True, False])
 def test_save_load_round_trip(tmp_path, kind, mmap):
     x, q = clustered(2000, 16, seed=4), clustered(50, 16, seed=5)
     index = ix.build_index(x, kind=kind)
-    if kind in ("ivf-flat", "ivf-pq"):
+    if kind.startswith("ivf"):
         faiss.extract_index_ivf(index).nprobe = 4
     path = tmp_path / "sub" / "images.faiss"
     ix.save_index(index, path)
     loaded = ix.load_index(path, mmap=mmap)
-    if kind in ("ivf-flat", "ivf-pq"):
+    if kind.startswith("ivf"):
         faiss.extract_index_ivf(loaded).nprobe = 4
     for a, b in zip(ix.search(index, q, 5), ix.search(loaded, q, 5), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -137,3 +191,26 @@ def test_tune_flat_is_exact():
     tuning = ix.tune_index(ix.build_index(x), x, n_queries=100)
     assert tuning["param"] is None and tuning["recall"] == 1.0 and tuning["reached"]
     assert tuning["median_query_ms"] > 0
+
+
+def test_cli_index_warns_when_target_missed(demo_root, tmp_path):
+    """`clipkit retrieve index` prints the shortfall as one warning line and records it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from clipkit.cli.main import cli
+
+    args = ["retrieve", "index", "--model", "test", "--data", str(demo_root / "eval")]
+    args += ["--workers", "0", "--index-type", "ivf-sq", "--max-memory", "1MB"]
+    # 64 vectors: one list, exhaustive; recall 1.01 is out of reach by construction.
+    result = CliRunner().invoke(cli, [*args, "--target-recall", "1.01", "--out", tmp_path / "a"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["factory"] == "IVF1,SQ8" and report["reached"] is False
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [ix.shortfall_message(report, 2**20)]
+    assert f"recall@10 {report['recall@10']:.3f} < target 1.01 under the 1,048,576 B" in warnings[0]
+    assert "(IVF1,Flat) needs ~" in warnings[0]
+    result = CliRunner().invoke(cli, [*args, "--out", tmp_path / "b"])
+    assert result.exit_code == 0 and "warning:" not in result.output

@@ -15,7 +15,7 @@ from clipkit.cli.main import fail, run_guarded, stack_options
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
 
-INDEX_TYPES = click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-pq"])
+INDEX_TYPES = click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-sq", "ivf-pq"])
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -50,7 +50,7 @@ def index_options(fn):
             default="auto",
             show_default=True,
             help="auto picks under --max-memory: exact below 10k vectors, HNSW / IVF-Flat while "
-            "they fit, OPQ+IVF-PQ beyond.",
+            "they fit, IVF with 8/6/4-bit residual codes (ivf-sq), then OPQ+IVF-PQ.",
         ),
         click.option(
             "--max-memory",
@@ -185,6 +185,16 @@ def index_cmd(
         f"  recall@{k} vs exact: {report[f'recall@{k}']:.4f} (target {target_recall}, queries: "
         f"{report['tuning_queries']}); median query {report['median_query_ms']:.3f} ms"
     )
+    _warn_shortfall(report, budget)
+
+
+def _warn_shortfall(report: dict, budget: int) -> None:
+    """Say plainly when tuning missed the recall target (never a silent shortfall)."""
+    from clipkit.index import shortfall_message
+
+    message = shortfall_message(report, budget)
+    if message:
+        click.echo(message, err=True)
 
 
 def _query_vector(loaded, dev, text, image):
@@ -311,6 +321,8 @@ def eval_cmd(
         target_recall=target_recall,
         seed=seed,
     )
+    for report in out["indexes"].values():
+        _warn_shortfall(report, budget)
     n_img, n_txt = len(emb.keys), len(emb.text_features)
     rows = [(f"{name} exact", value) for name, value in out["metrics"].items()]
     rows += [(f"{name} index", out["index_metrics"][name]) for name in out["metrics"]]
