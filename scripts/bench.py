@@ -334,7 +334,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Small sizes, 2 repeats (a few minutes).")
     ap.add_argument("--rows", default=",".join(ROWS), help="Comma-separated rows.")
     ap.add_argument("--repeats", type=int, default=None, help="Alternating repeats per row.")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "bench-results.json"), help="JSON output.")
+    ap.add_argument(
+        "--out",
+        help="JSON output (default docs/bench-results.json; full: docs/bench-results-full.json)",
+    )
     args = ap.parse_args()
     if not REF_PY.exists() and {"train", "data"} & set(args.rows.split(",")):
         subprocess.run(["bash", str(ROOT / "scripts/setup_reference.sh")], check=True)
@@ -346,11 +349,14 @@ def main() -> None:
         "quick": args.quick,
         "rows": [],
     }
+    out = Path(args.out or ROOT / "docs" / f"bench-results{'' if args.quick else '-full'}.json")
     for name in args.rows.split(","):
         row = ROWS[name](args.quick, repeats)
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+        tmp = out.with_suffix(".tmp")  # after every row: a failing later row loses nothing
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out)
     print("\n| row | clipkit | reference | ratio |\n|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['row']} | {r['clipkit']:.4g} | {r['reference']:.4g} | {r['ratio']:.2f}x |")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import statistics
@@ -163,6 +164,8 @@ def clipkit(*argv: str | int | float) -> None:
     LOG[-1].parent.mkdir(parents=True, exist_ok=True)
     with open(LOG[-1], "a") as f, redirect_stdout(f), redirect_stderr(f):
         print(f"$ clipkit {shlex.join(args)}", flush=True)
+        # the CLI's logging.basicConfig binds the stderr of its first call; rebind it to this log
+        logging.getLogger().handlers.clear()
         start = time.perf_counter()
         try:
             cli.main(args, prog_name="clipkit")
@@ -236,7 +239,7 @@ def parameter_count(model_json: Path) -> int:
 def pretrain_argv(spec: MethodSpec, setup: Setup, data: Path, model: Path, run: Path, seed: int,
                   samples: int) -> list:  # fmt: skip
     steps = max(1, samples // setup.batch)
-    save_every = max(1, steps // setup.curve_points)
+    save_every = max(1, -(-steps // setup.curve_points))  # ceil: no point right before the end
     hidden, embed = setup.ssl_dims()
     argv = [
         "pretrain", "--data", data / "train", "--out", run, "--model", model,
@@ -298,7 +301,7 @@ def train_and_evaluate(spec, setup, data, models, out, seed, samples, budget, cu
         "samples": last["samples_seen"],
         "train_seconds": last["train_seconds"],
         "final_loss": last["loss"],
-        "command": "clipkit " + shlex.join(str(a) for a in argv),
+        "command": "clipkit " + shlex.join(_relative(a) for a in argv),
         "eval": {},
         "curve": [],
     }
@@ -321,6 +324,11 @@ def train_and_evaluate(spec, setup, data, models, out, seed, samples, budget, cu
             ckpt.unlink()
     record_path.write_text(json.dumps(record, indent=1))
     return record
+
+
+def _relative(arg) -> str:
+    """A path argument as the report prints it: relative to the repository root."""
+    return os.path.relpath(arg, ROOT) if isinstance(arg, Path) else str(arg)
 
 
 def _step_of(path: Path) -> int:

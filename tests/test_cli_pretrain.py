@@ -1,5 +1,6 @@
 """`clipkit pretrain` through the CLI: training, checkpoints, resume, and user errors."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_resume_continues_at_step_lr_and_samples(tmp_path, demo_root):
     assert saved["step"] == 6
     # training time accumulates across the resume (never restarts from zero)
     seconds = [r["train_seconds"] for r in recs]
-    assert all(b > a > 0 for a, b in zip(seconds, seconds[1:])), seconds
+    assert all(b > a > 0 for a, b in itertools.pairwise(seconds)), seconds
     assert saved["train_seconds"] == pytest.approx(seconds[-1], abs=1e-3)
 
 
