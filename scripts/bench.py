@@ -232,9 +232,10 @@ def row_data(quick: bool, repeats: int) -> dict:
     return _row("data loading samples/s (decode+augment, 2 workers)", ours, ref)
 
 
-def row_mfu(quick: bool, repeats: int) -> dict:
+def row_mfu(quick: bool, repeats: int, compile_: bool = False) -> dict:
+    args = [str(PY), str(ROOT / "scripts/bench/mfu.py"), "--quick" if quick else "--full"]
     out = subprocess.run(
-        [str(PY), str(ROOT / "scripts/bench/mfu.py"), "--quick" if quick else "--full"],
+        args + (["--compile"] if compile_ else []),
         check=True,
         capture_output=True,
         text=True,
@@ -321,6 +322,7 @@ ROWS = {
     "data": row_data,
     "mfu": row_mfu,
     "index": row_index,
+    "mfu-compile": lambda quick, repeats: row_mfu(quick, repeats, compile_=True),
     "index-tight": row_index_tight,
     "zeroshot": row_zeroshot,
     "memory": row_memory,

@@ -1,6 +1,8 @@
 """Hardware-use row: model FLOPs per training sample (torch.utils.flop_counter) x samples/s of
 full training steps (forward, backward, AdamW) over the dense fp32 matmul rate measured here.
-Prints one JSON line. --quick: batch 32; --full: batch 128 (the issue's setting)."""
+Prints one JSON line. --quick: batch 32; --full: batch 128 (the issue's setting); --compile:
+the step runs through torch.compile (what `clipkit pretrain --compile` does), timed after the
+compiling warm-up."""
 
 import json
 import sys
@@ -16,6 +18,7 @@ from clipkit.models import factory
 quick = "--quick" in sys.argv
 batch = 32 if quick else 128
 steps = 2 if quick else 3
+use_compile = "--compile" in sys.argv
 torch.manual_seed(0)
 
 
@@ -42,14 +45,18 @@ flops_per_sample = counter.get_total_flops() / batch
 opt.zero_grad()
 
 
+forward = torch.compile(method) if use_compile else method
+
+
 def step():
-    loss, _ = method(batch_dict)
+    loss, _ = forward(batch_dict)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-step()  # warm-up
+for _ in range(2 if use_compile else 1):  # warm-up (the first compiled call compiles)
+    step()
 t = time.perf_counter()
 for _ in range(steps):
     step()
@@ -59,7 +66,9 @@ use = flops_per_sample * sps / peak
 print(
     json.dumps(
         {
-            "row": f"hardware use: ViT-S/16 CLIP, batch {batch}, fp32 CPU (target >= 50%)",
+            "row": f"hardware use: ViT-S/16 CLIP, batch {batch}, fp32 CPU"
+            + (", torch.compile" if use_compile else "")
+            + " (target >= 50%)",
             "clipkit": use,
             "reference": 0.5,
             "ratio": use / 0.5,
