@@ -322,7 +322,9 @@ def train_and_evaluate(spec, setup, data, models, out, seed, samples, budget, cu
     if not keep:
         for ckpt in (run / "checkpoints").glob("*.pt"):
             ckpt.unlink()
-    record_path.write_text(json.dumps(record, indent=1))
+    tmp = record_path.with_suffix(".tmp")  # a killed comparison never leaves half a record
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(record_path)
     return record
 
 
@@ -408,7 +410,9 @@ def main() -> None:
         "script": "scripts/compare_methods.py" + (" --quick" if args.quick else ""),
         "runs": runs,
     }
-    results_path.write_text(json.dumps(summary, indent=1))
+    tmp = results_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(results_path)
     write_report(summary, args.report, args.plot)
     log(f"done in {summary['total_seconds'] / 60:.1f} min: {args.report}, {args.plot}")
 
