@@ -76,16 +76,16 @@ def shard_pattern(folder: Path) -> str:
     return str(folder / f"shard-{{{first}..{last}}}.tar")
 
 
+def last_line(cmd: list[str]) -> str:
+    """Run a benchmark helper script; its result is the last line it prints."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
 def peak_rss_mb(cmd: list[str]) -> float:
     """Peak resident memory (MB) of the largest process of `cmd`'s tree, measured in a fresh
     wrapper process (RUSAGE_CHILDREN here would also count earlier rows' processes)."""
-    out = subprocess.run(
-        [str(PY), str(ROOT / "scripts/bench/peak_rss.py"), *cmd],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return float(out.strip().splitlines()[-1])
+    return float(last_line([str(PY), str(ROOT / "scripts/bench/peak_rss.py"), *cmd]))
 
 
 def _median_after_warmup(values: list[float]) -> float:
@@ -215,32 +215,15 @@ def row_data(quick: bool, repeats: int) -> dict:
     args = [shard_pattern(shards), "5000", "2", "100", "32", str(batches)]
     ours, ref = [], []
     for _ in range(repeats):
-        out = subprocess.run(
-            [str(PY), str(ROOT / "scripts/bench/clipkit_loader.py"), *args],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        ours.append(json.loads(out.strip().splitlines()[-1])["samples_per_s"])
-        out = subprocess.run(
-            [str(REF_PY), str(ROOT / "scripts/bench/reference_loader.py"), *args],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        ref.append(json.loads(out.strip().splitlines()[-1])["samples_per_s"])
+        for py, script, values in ((PY, "clipkit_loader", ours), (REF_PY, "reference_loader", ref)):
+            line = last_line([str(py), str(ROOT / f"scripts/bench/{script}.py"), *args])
+            values.append(json.loads(line)["samples_per_s"])
     return _row("data loading samples/s (decode+augment, 2 workers)", ours, ref)
 
 
 def row_mfu(quick: bool, repeats: int, compile_: bool = False) -> dict:
     args = [str(PY), str(ROOT / "scripts/bench/mfu.py"), "--quick" if quick else "--full"]
-    out = subprocess.run(
-        args + (["--compile"] if compile_ else []),
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(last_line(args + (["--compile"] if compile_ else [])))
 
 
 def row_index(quick: bool, repeats: int) -> dict:
@@ -257,20 +240,15 @@ def _index_row(n: int, budget_mb: float | None) -> dict:
     args = [str(PY), str(ROOT / "scripts/bench/index_bench.py"), str(n)]
     if budget_mb is not None:
         args.append(f"{budget_mb:.1f}")
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(last_line(args))
 
 
 def row_zeroshot(quick: bool, repeats: int) -> dict:
     demo_data()
     script = ROOT / "scripts/bench/zeroshot_bench.py"
-    out = subprocess.run(
-        [str(PY), str(script), str(BENCH_DIR / "data"), "tiny-64", str(repeats)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(
+        last_line([str(PY), str(script), str(BENCH_DIR / "data"), "tiny-64", str(repeats)])
+    )
 
 
 def row_memory(quick: bool, repeats: int) -> dict:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -286,8 +287,6 @@ def train_and_evaluate(spec, setup, data, models, out, seed, samples, budget, cu
     argv = pretrain_argv(spec, setup, data, models[spec.family], run, seed, samples)
     wall = time.perf_counter()
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)  # a half-finished run from an interrupted comparison
     LOG.append(out / "logs" / f"{run.name}.txt")
     clipkit(*argv)
