@@ -33,6 +33,11 @@ KINDS = ("flat", "hnsw", "ivf-flat", "ivf-sq", "ivf-pq")
 DEFAULT_MEMORY_BYTES = 8 * 2**30
 FLAT_MAX_VECTORS = 10_000  # below this, exact search is fast enough and needs no training
 HNSW_M = 32
+# Candidates kept while linking a new node. faiss's default 40 leaves clustered data poorly
+# connected: on 1M x 256 clustered vectors, recall@10 0.95 needed efSearch 576 (1.19 ms a query)
+# at 40, 52 (0.21 ms) at 80 and 27 (0.16 ms) at 128, for builds of 87, 117 and 205 s on 2 cores.
+# 80 is the knee: 5.6x faster queries for 1.34x the build time.
+HNSW_EF_CONSTRUCTION = 80
 HNSW_MAX_VECTORS = 5_000_000  # beyond this, HNSW build time dominates; IVF scales better
 # Bytes per PQ code that faiss' GPU IVF-PQ accepts, largest (most accurate) first.
 PQ_M_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4)
@@ -70,7 +75,7 @@ def _nlist(n: int) -> int:
 def _hnsw_choice(n: int, d: int) -> IndexChoice:
     # vector + level-0 links (2M int32) + levels/offsets + upper levels (~1/M of the nodes)
     est = n * (4 * d + 8 * HNSW_M + 16)
-    params = {"M": HNSW_M, "efConstruction": 40}
+    params = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}
     return IndexChoice("hnsw", f"HNSW{HNSW_M},Flat", params, est)
 
 
@@ -125,8 +130,8 @@ def choose_index(n: int, dim: int, max_memory_bytes: int, kind: str = "auto") ->
       1. n < 10k and the raw vectors fit: exact `Flat` (inner product). No training, recall 1.
       2. HNSW32 if its graph fits (and n <= 5M): best recall per millisecond, no training.
       3. IVF-Flat (nlist ~ 4 sqrt(n), power of two, 16..65536, >= 39 points per list) if it fits.
-      4. IVF-SQ: the same lists holding residuals scalar-quantised to 8, 6 or 4 bits a dimension,
-         the widest that fits.
+      4. IVF-SQ: the same lists holding residuals scalar-quantised to 8, 6 or 4 bits a dimension
+         over each dimension's 0.1-99.9% quantiles, the widest that fits.
       5. OPQ + IVF-PQ with the largest code size m (bytes/vector, >= 4 dims per sub-quantiser)
          that fits, 8-bit codes (fewer bits when n < 39 * 256 training points).
     Estimates count codes, ids, centroids and trained tables, so the saved file stays under
@@ -262,6 +267,15 @@ def _seed_training(index: faiss.Index, seed: int) -> None:
             ivf.pq.cp.seed = seed
 
 
+def _robust_sq_ranges(index: faiss.Index) -> None:
+    """Quantise each dimension over its [0.1%, 99.9%] quantiles instead of faiss's min..max: a
+    few extreme training residuals no longer stretch the steps of every code. Recall@10 on 200k
+    clustered vectors (IVF2048,SQ6): 0.898 with min..max, 0.919 with quantiles."""
+    sq = faiss.downcast_index(faiss.extract_index_ivf(index)).sq
+    sq.rangestat = faiss.ScalarQuantizer.RS_quantiles
+    sq.rangestat_arg = 0.001
+
+
 def _train_size(n: int, choice: IndexChoice) -> int:
     need = 64 * choice.params.get("nlist", 1)
     if choice.kind == "ivf-pq":
@@ -291,6 +305,8 @@ def build_index(
     _seed_training(index, seed)
     if choice.kind == "hnsw":
         faiss.downcast_index(index).hnsw.efConstruction = choice.params["efConstruction"]
+    if choice.kind == "ivf-sq":
+        _robust_sq_ranges(index)
     gpu_ok = faiss.get_num_gpus() > 0 and choice.kind in _GPU_KINDS
     if use_gpu is True and not gpu_ok:
         raise ValueError(f"use_gpu=True but faiss sees no GPU or has no GPU {choice.kind} index")
@@ -407,6 +423,18 @@ def _median_single_query_ms(index: faiss.Index, q: np.ndarray, k: int, n: int = 
     return float(np.median(times))
 
 
+def _bisect(measure, low: int, high: int, target: float) -> list[dict[str, Any]]:
+    """Narrow [low fails, high reaches `target`] to within 1/16 of low: a doubling sweep
+    overshoots by up to 2x, and at 1M HNSW vectors efSearch 1024 cost 2.6x the time of 512
+    where ~600 already reached the target."""
+    steps = []
+    while high - low > max(1, low // 16):
+        mid = (low + high) // 2
+        steps.append(measure(mid))
+        low, high = (low, mid) if steps[-1]["recall"] >= target else (mid, high)
+    return steps
+
+
 def tune_index(
     index: faiss.Index,
     vectors: Any,
@@ -424,8 +452,9 @@ def tune_index(
     `vectors` are the rows the index holds (ids = row numbers). Queries are `queries` if given
     (a seeded sample of `n_queries` of them when there are more), else `make_queries`
     (perturbed database rows). Ground truth is exact inner-product search.
-    The sweep stops at the first value reaching `target_recall`; if none does (or the next
-    value's batched per-query time exceeds `max_latency_ms`), the best recall seen is chosen.
+    The sweep doubles the value until it reaches `target_recall`, then bisects between the last
+    two values for the smallest one that does; if none does (or the next value's batched
+    per-query time exceeds `max_latency_ms`), the best recall seen is chosen.
     The index is left set to the chosen value. Latencies: batched search time / queries, and
     the median of single-query searches over up to 100 queries.
     """
@@ -448,19 +477,26 @@ def tune_index(
     _, truth = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) exact
     name, values = _search_knob(index, k)
     space = _param_space()
-    sweep: list[dict[str, Any]] = []
-    for value in values:
+
+    def measure(value: int | None) -> dict[str, Any]:
         if name is not None:
             space.set_index_parameter(index, name, value)
         start = time.perf_counter()
         _, found = search(index, q, k)
         per_query_ms = (time.perf_counter() - start) * 1000 / len(q)
-        if max_latency_ms is not None and sweep and per_query_ms > max_latency_ms:
+        return {"value": value, "recall": _recall(found, truth), "ms": per_query_ms}
+
+    sweep: list[dict[str, Any]] = []
+    for value in values:
+        step = measure(value)
+        if max_latency_ms is not None and sweep and step["ms"] > max_latency_ms:
             break
-        sweep.append({"value": value, "recall": _recall(found, truth), "ms": per_query_ms})
-        if sweep[-1]["recall"] >= target_recall:
+        sweep.append(step)
+        if step["recall"] >= target_recall:
             break
-    reached = [s for s in sweep if s["recall"] >= target_recall]
+    if len(sweep) > 1 and sweep[-1]["recall"] >= target_recall:
+        sweep += _bisect(measure, sweep[-2]["value"], sweep[-1]["value"], target_recall)
+    reached = sorted((s for s in sweep if s["recall"] >= target_recall), key=lambda s: s["value"])
     chosen = reached[0] if reached else max(sweep, key=lambda s: s["recall"])
     if name is not None:
         space.set_index_parameter(index, name, chosen["value"])
