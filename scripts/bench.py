@@ -307,6 +307,17 @@ ROWS = {
 }
 
 
+def _earlier_rows(out: Path, quick: bool) -> dict[str, dict]:
+    """Rows of an earlier run of the same mode in `out`, by row name: a run of some rows
+    replaces those and keeps the others (each row carries its own date)."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    if earlier.get("quick") != quick:
+        return {}
+    return {r["bench"]: r for r in earlier["rows"] if "bench" in r}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -330,12 +341,14 @@ def main() -> None:
         "rows": [],
     }
     out = Path(args.out or ROOT / "docs" / f"bench-results{'' if args.quick else '-full'}.json")
+    kept = _earlier_rows(out, args.quick)
     for name in args.rows.split(","):
-        row = ROWS[name](args.quick, repeats)
+        row = {"bench": name, "date": results["date"]} | ROWS[name](args.quick, repeats)
+        kept.pop(name, None)
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         tmp = out.with_suffix(".tmp")  # after every row: a failing later row loses nothing
-        tmp.write_text(json.dumps(results, indent=1))
+        tmp.write_text(json.dumps(results | {"rows": [*kept.values(), *results["rows"]]}, indent=1))
         tmp.replace(out)
     print("\n| row | clipkit | reference | ratio |\n|---|---|---|---|")
     for r in results["rows"]:
