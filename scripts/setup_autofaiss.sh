@@ -4,10 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-autofaiss
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import autofaiss" 2>/dev/null; then
+FAISS=1.7.4
+if [ -x "$VENV/bin/python" ] &&
+  "$VENV/bin/python" -c "import autofaiss, faiss; assert faiss.__version__ == '$FAISS'" 2>/dev/null; then
   exit 0
 fi
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# autofaiss pins numpy<2; the newest pyarrow needs numpy>=2
-"$VENV/bin/python" -m pip install -q autofaiss "pyarrow<20"
+# autofaiss pins numpy<2; the newest pyarrow needs numpy>=2. autofaiss 2.18 builds OPQ indexes
+# with `OPQMatrix(d, M=..., d2=...)`, which faiss 1.15's bindings reject (TypeError), so it gets
+# the faiss of its own era; clipkit's faiss reads the indexes it writes.
+"$VENV/bin/python" -m pip install -q autofaiss "faiss-cpu==$FAISS" "pyarrow<20"

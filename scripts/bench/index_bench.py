@@ -43,6 +43,9 @@ flat = faiss.IndexFlatIP(dim)
 flat.add(x)
 
 
+AUTOFAISS_TIMEOUT_S = 3600  # its OPQ training took 500 s for 20k vectors on 2 cores
+
+
 def autofaiss_pick(tmp: str) -> tuple[dict, faiss.Index | None]:
     """autofaiss's index for the same vectors and budget, built in its own venv (it pins
     faiss-cpu) and read back here, so both indexes are tuned and timed in this one process."""
@@ -52,7 +55,10 @@ def autofaiss_pick(tmp: str) -> tuple[dict, faiss.Index | None]:
     np.save(f"{tmp}/x.npy", x)
     script = str(Path(__file__).parent / "autofaiss_index.py")
     args = [str(ref_py), script, f"{tmp}/x.npy", str(budget // 2**20), f"{tmp}/af.index"]
-    out = subprocess.run(args, capture_output=True, text=True)
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=AUTOFAISS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"autofaiss did not finish within {AUTOFAISS_TIMEOUT_S} s"}, None
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1][:300]}, None
     info = json.loads(out.stdout.strip().splitlines()[-1])
