@@ -6,9 +6,10 @@ inputs, alternating, several repeats, medians and the ratio. Prints a table and 
     .venv/bin/python scripts/bench.py --rows train,data  # choose rows; full mode without --quick
 
 Rows: train (clipkit pretrain vs open_clip_train.main), data (clipkit loader vs open_clip's
-get_wds_dataset), mfu (model FLOPs x samples/s over measured fp32 matmul rate), index (auto index
+get_wds_dataset), mfu (model FLOPs x samples/s over measured fp32 matmul rate; mfu-compile the
+same under torch.compile; mfu-gpu ViT-B/16 in bf16 at batch 256 on CUDA), index (auto index
 vs exact flat search on synthetic clustered vectors, and vs autofaiss's pick where
-.venv-autofaiss exists), zeroshot (clipkit zero-shot vs CLIP_benchmark's evaluate), memory (peak
+.venv-autofaiss exists; index-tight the same under a quarter of the raw size), zeroshot (clipkit zero-shot vs CLIP_benchmark's evaluate), memory (peak
 RSS of `retrieve eval` against the N x N matrix a non-chunked evaluation builds). The open_clip
 reference runs in its own venv (.venv-openclip, made by scripts/setup_reference.sh) because
 open_clip_torch[training] pins an old webdataset.
@@ -221,9 +222,10 @@ def row_data(quick: bool, repeats: int) -> dict:
     return _row("data loading samples/s (decode+augment, 2 workers)", ours, ref)
 
 
-def row_mfu(quick: bool, repeats: int, compile_: bool = False) -> dict:
+def row_mfu(quick: bool, repeats: int, compile_: bool = False, gpu: bool = False) -> dict:
     args = [str(PY), str(ROOT / "scripts/bench/mfu.py"), "--quick" if quick else "--full"]
-    return json.loads(last_line(args + (["--compile"] if compile_ else [])))
+    args += ["--compile"] if compile_ else []
+    return json.loads(last_line(args + (["--device", "cuda"] if gpu else [])))
 
 
 def row_index(quick: bool, repeats: int) -> dict:
@@ -301,6 +303,8 @@ ROWS = {
     "mfu": row_mfu,
     "index": row_index,
     "mfu-compile": lambda quick, repeats: row_mfu(quick, repeats, compile_=True),
+    # ViT-B/16, bf16 autocast, batch 256 on a GPU (target >= 40% of measured bf16 matmul)
+    "mfu-gpu": lambda quick, repeats: row_mfu(quick, repeats, gpu=True),
     "index-tight": row_index_tight,
     "zeroshot": row_zeroshot,
     "memory": row_memory,
@@ -323,7 +327,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="Small sizes, 2 repeats (a few minutes).")
-    ap.add_argument("--rows", default=",".join(ROWS), help="Comma-separated rows.")
+    gpu_rows = {"mfu-gpu"}
+    default_rows = [r for r in ROWS if r not in gpu_rows or shutil.which("nvidia-smi")]
+    ap.add_argument(
+        "--rows",
+        default=",".join(default_rows),
+        help=f"Comma-separated rows of {', '.join(ROWS)} (default: all; {', '.join(gpu_rows)} "
+        "only where nvidia-smi exists).",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="Alternating repeats per row.")
     ap.add_argument(
         "--out",
