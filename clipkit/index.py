@@ -426,7 +426,7 @@ def _median_single_query_ms(index: faiss.Index, q: np.ndarray, k: int, n: int = 
 def _bisect(measure, low: int, high: int, target: float) -> list[dict[str, Any]]:
     """Narrow [low fails, high reaches `target`] to within 1/16 of low: a doubling sweep
     overshoots by up to 2x, and at 1M HNSW vectors efSearch 1024 cost 2.6x the time of 512
-    where ~600 already reached the target."""
+    where 576 already reached the target."""
     steps = []
     while high - low > max(1, low // 16):
         mid = (low + high) // 2

@@ -51,7 +51,7 @@ def autofaiss_pick(tmp: str) -> tuple[dict, faiss.Index | None]:
     faiss-cpu) and read back here, so both indexes are tuned and timed in this one process."""
     ref_py = Path(__file__).resolve().parents[2] / ".venv-autofaiss" / "bin" / "python"
     if not ref_py.exists():
-        return {"error": "no .venv-autofaiss (scripts/setup_reference.sh makes it)"}, None
+        return {"error": "no .venv-autofaiss (scripts/setup_autofaiss.sh makes it)"}, None
     np.save(f"{tmp}/x.npy", x)
     script = str(Path(__file__).parent / "autofaiss_index.py")
     args = [str(ref_py), script, f"{tmp}/x.npy", str(budget // 2**20), f"{tmp}/af.index"]
