@@ -9,7 +9,8 @@ Rows: train (clipkit pretrain vs open_clip_train.main), data (clipkit loader vs 
 get_wds_dataset), mfu (model FLOPs x samples/s over measured fp32 matmul rate; mfu-compile the
 same under torch.compile; mfu-gpu ViT-B/16 in bf16 at batch 256 on CUDA), index (auto index
 vs exact flat search on synthetic clustered vectors, and vs autofaiss's pick where
-.venv-autofaiss exists; index-tight the same under a quarter of the raw size), zeroshot (clipkit zero-shot vs CLIP_benchmark's evaluate), memory (peak
+.venv-autofaiss exists; index-tight the same under a quarter of the raw size), zeroshot
+(clipkit zero-shot vs CLIP_benchmark's evaluate), memory (peak
 RSS of `retrieve eval` against the N x N matrix a non-chunked evaluation builds). The open_clip
 reference runs in its own venv (.venv-openclip, made by scripts/setup_reference.sh) because
 open_clip_torch[training] pins an old webdataset.
