@@ -31,14 +31,16 @@ ap.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on 
 args = ap.parse_args()
 device = torch.device(args.device)
 gpu = device.type == "cuda"
-# bf16 matmul is several times slower than fp32 on these CPUs, so CPUs default to fp32.
-precision = {"fp32": torch.float32, "bf16": torch.bfloat16}[
-    args.precision or ("bf16" if gpu else "fp32")
-]
+# The issue states the CPU target in fp32 and the GPU target in bf16.
+precision_name = args.precision or ("bf16" if gpu else "fp32")
+precision = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision_name]
 model_name = args.model or ("ViT-B-16" if gpu else "vit-s-16")
-batch = args.batch or {(False, True): 32, (False, False): 128, (True, True): 64}.get(
-    (gpu, args.quick), 256
-)
+if args.batch:
+    batch = args.batch
+elif gpu:
+    batch = 64 if args.quick else 256
+else:
+    batch = 32 if args.quick else 128
 steps = 2 if args.quick else (10 if gpu else 3)
 target = 0.4 if gpu else 0.5
 torch.manual_seed(0)
@@ -75,8 +77,9 @@ batch_dict = {"image": images, "text": text}
 
 
 def autocast():
-    bf16 = precision == torch.bfloat16
-    return torch.autocast(device.type, dtype=precision) if bf16 else contextlib.nullcontext()
+    if precision_name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision)
 
 
 with FlopCounterMode(display=False) as counter, autocast():
@@ -107,8 +110,7 @@ sync()
 sps = batch * steps / (time.perf_counter() - t)
 peak = matmul_rate()
 use = flops_per_sample * sps / peak
-where = f"{args.precision or ('bf16' if gpu else 'fp32')} "
-where += torch.cuda.get_device_name(device) if gpu else "CPU"
+where = f"{precision_name} {torch.cuda.get_device_name(device) if gpu else 'CPU'}"
 print(
     json.dumps(
         {
