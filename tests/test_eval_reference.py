@@ -8,12 +8,15 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from torch.testing import assert_close
 
 from clipkit.data.eval_pairs import paired_set
 from clipkit.data.eval_sets import classification_set, iter_tar_samples
 from clipkit.eval.loading import load_model
 from clipkit.eval.retrieval import embed_pairs, evaluate_retrieval
 from clipkit.eval.zero_shot import run_zero_shot
+
+TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 
 CPU = torch.device("cpu")
 
@@ -150,13 +153,15 @@ def test_export_round_trip_identical_outputs(loaded, tiny_checkpoint, tmp_path):
     images = torch.rand(4, 3, 32, 32)
     tokens = loaded.tokenizer(["a red star", "two blue circles on the left"])
     with torch.no_grad():
-        assert torch.equal(model.encode_image(images), loaded.model.encode_image(images))
-        assert torch.equal(model.encode_text(tokens), loaded.model.encode_text(tokens))
+        # two builds of the same weights (open_clip's loader, clipkit's): equal up to rounding,
+        # since kernels may pick other paths on other CPUs or memory layouts
+        assert_close(model.encode_image(images), loaded.model.encode_image(images), **TIGHT)
+        assert_close(model.encode_text(tokens), loaded.model.encode_text(tokens), **TIGHT)
     from PIL import Image
 
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8))
     assert torch.equal(preprocess(picture), loaded.preprocess(picture))  # resize + crop + norm
     again = load_model(model=f"local-dir:{out}")
     with torch.no_grad():
-        assert torch.equal(again.model.encode_image(images), loaded.model.encode_image(images))
+        assert_close(again.model.encode_image(images), loaded.model.encode_image(images), **TIGHT)
     assert again.sha256 is not None and again.sha256 != loaded.sha256

@@ -8,6 +8,14 @@ from clipkit.config import Config, ConfigError, ModelConfig
 from clipkit.models import factory
 
 
+def close(a, b, msg=None):
+    """Equal up to float rounding. open_clip's model and clipkit's EMA wrapper are two code paths
+    over copies of the same weights; their last bits differ on some CPUs (seen on AMD EPYC:
+    -3.6789e-04 vs -3.6770e-04). Bit-exact comparisons are kept for the same code on the same
+    inputs (resume, weights)."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=msg)
+
+
 def _checkpoint(path, model_name: str, method: str):
     """A checkpoint as the trainer writes it, without training (random weights)."""
     cfg = Config.from_dict({"model": {"name": model_name}, "method": {"name": method}})
@@ -48,12 +56,12 @@ def test_export_aclip_ema_image_tower(tmp_path):
         for folder, ref in (("ema", ema), ("online", online)):
             model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / folder}")
             model.eval()
-            assert torch.equal(model.encode_image(images), ref.encode_image(images)), folder
-            assert torch.equal(model.encode_text(tokens), ref.encode_text(tokens)), folder
+            close(model.encode_image(images), ref.encode_image(images), msg=folder)
+            close(model.encode_text(tokens), ref.encode_text(tokens), msg=folder)
         assert not torch.equal(ema.encode_image(images), online.encode_image(images))
         # --weights ema through the loader gives the same model as the EMA export
         loaded = load_model(checkpoint=str(path), weights="ema")
-        assert torch.equal(loaded.model.encode_image(images), ema.encode_image(images))
+        close(loaded.model.encode_image(images), ema.encode_image(images))
 
 
 def test_export_refuses_msclip_and_missing_ema(tmp_path):
