@@ -4,11 +4,17 @@ saved as RUN_DIR/config.yaml and inside every checkpoint (no `getattr(cfg, 'X', 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from clipkit.fileio import atomic_write_bytes
 
 
 class ConfigError(ValueError):
@@ -113,26 +119,144 @@ class Config:
         return cfg
 
 
-SECTIONS = {f.name for f in fields(Config)}
+SECTIONS = tuple(f.name for f in fields(Config))  # in declaration order, for stable messages
 
 
-def merge(cfg: Config, updates: dict[str, Any]) -> Config:
-    """Apply nested `{section: {key: value}}` updates; unknown keys are user errors."""
+def merge(cfg: Config, updates: dict[str, Any], source: str | None = None) -> Config:
+    """Apply nested `{section: {key: value}}` updates, each converted to its field's type;
+    unknown keys and values that do not convert are user errors. `source` (e.g. "config file
+    run.yaml") is named in the error."""
+    origin = f" (in {source})" if source else ""
     for section, values in updates.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section '{section}' (known: {sorted(SECTIONS)})")
+            raise ConfigError(
+                f"unknown config section '{section}'{origin} (known: {sorted(SECTIONS)})"
+            )
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"config section '{section}' must be a mapping")
+            raise ConfigError(f"config section '{section}'{origin} must be a mapping")
         target = getattr(cfg, section)
         known = {f.name for f in fields(target)}
         for key, value in values.items():
-            key = key.replace("-", "_")
+            key = str(key).replace("-", "_")
             if key not in known:
-                raise ConfigError(f"unknown option '{section}.{key}' (known: {sorted(known)})")
-            setattr(target, key, value)
+                raise ConfigError(
+                    f"unknown option '{section}.{key}'{origin} (known: {sorted(known)})"
+                )
+            setattr(target, key, _coerced(section, key, value, origin))
     return cfg
+
+
+# -- types: every value (YAML, flags, saved configs) is converted to its dataclass field's type --
+
+
+class _NotConvertible(ValueError):
+    """`value` cannot be read as the field's type; carries the wording of the expected type."""
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerced(section: str, key: str, value: Any, origin: str = "") -> Any:
+    hint = _field_types(_field_types(Config)[section])[key]
+    try:
+        return _convert(value, hint)
+    except _NotConvertible as e:
+        shown = "null" if value is None else repr(value)
+        raise ConfigError(f"{section}.{key} = {shown}{origin} is not {e}") from None
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """`value` as type `hint` (int, float, bool, str, dict, or X | None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        try:
+            return _convert(value, inner)
+        except _NotConvertible as e:
+            raise _NotConvertible(f"{e} or null") from None
+    return _CONVERTERS[hint](value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass  # maybe `1e4` or `6.0`, which YAML leaves as strings
+    # bool is an int subclass in Python, but `batch_size: true` is a mistake, not 1.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        number = _to_float(value)
+    except _NotConvertible:
+        number = math.nan
+    # 6.0 means 6; 5.5 is refused rather than silently rounded.
+    if math.isfinite(number) and number.is_integer():
+        return int(number)
+    raise _NotConvertible("an integer")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise _NotConvertible("a number")
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[str(value).strip().lower()]
+    raise _NotConvertible("true or false")
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    # A number where a name is expected (`name: 1e3`, `text_key: 0`) would lose its spelling.
+    raise _NotConvertible("a string (quote it in YAML)")
+
+
+def _to_dict(value: Any) -> dict:
+    if isinstance(value, dict):
+        return value
+    raise _NotConvertible("a mapping")
+
+
+_CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, dict: _to_dict}
+
+
+def coerce_types(cfg: Config) -> Config:
+    """Convert every field in place (for configs built directly, not through `merge`)."""
+    for section in SECTIONS:
+        target = getattr(cfg, section)
+        for f in fields(target):
+            setattr(target, f.name, _coerced(section, f.name, getattr(target, f.name)))
+    return cfg
+
+
+def _non_finite(cfg: Config) -> list[str]:
+    """`section.key = value` for every inf / nan number (a float field or not)."""
+    bad = []
+    for section in SECTIONS:
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                bad.append(f"{section}.{key} = {value}")
+    return bad
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -153,7 +277,8 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+    atomic_write_bytes(Path(path), data)  # a crash never leaves a half-written config.yaml
 
 
 def _check(cond: bool, message: str) -> None:
@@ -163,6 +288,9 @@ def _check(cond: bool, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Catch every option mistake before any work starts."""
+    coerce_types(cfg)
+    bad = _non_finite(cfg)
+    _check(not bad, f"{', '.join(bad)}: numbers must be finite (not inf or nan)")
     d, r, o, m = cfg.data, cfg.run, cfg.optim, cfg.method
     _check(bool(d.data), "no training data: pass --data DIR_OR_PATTERN")
     _check(bool(r.out), "no run directory: pass --out RUN_DIR")
@@ -206,3 +334,56 @@ def validate(cfg: Config) -> Config:
     )
     _check(0 <= m.ema_momentum <= m.ema_momentum_end <= 1, "EMA momentum: 0 <= start <= end <= 1")
     return cfg
+
+
+# Options a resumed run may change: how long, where and how fast it runs, and safety limits. Every
+# other option defines what the run trains and must keep its saved value: the model, the method,
+# the data stream (sources, keys, batch size, epoch size, shuffle, seed, accumulation) and the
+# optimizer settings AdamW restores from the checkpoint (weight decay, betas, eps and the shared
+# parameters' lr multiplier: a new value would be recorded but silently not used).
+# `data.workers` may change: the stream then restarts its epoch order with a warning, as for a
+# different number of ranks. `model.grad_checkpointing` only trades memory for compute.
+CHANGEABLE_ON_RESUME = {
+    "data": {"workers", "max_bad_fraction", "max_pixels", "stall_timeout"},
+    "model": {"grad_checkpointing"},
+    "method": set(),
+    "optim": {"lr", "warmup", "schedule", "grad_clip"},
+    "run": {
+        "out",
+        "steps",
+        "samples",
+        "device",
+        "precision",
+        "save_every",
+        "log_every",
+        "keep_last",
+        "compile",
+        "threads",
+    },
+}
+
+
+def check_resume(cfg: Config, saved: dict) -> None:
+    """Refuse a resume that changes what the saved run (its checkpoint's config) trains."""
+    before = Config.from_dict(saved)
+    changed = []
+    for section in SECTIONS:
+        for f in fields(getattr(cfg, section)):
+            if f.name in CHANGEABLE_ON_RESUME[section]:
+                continue
+            given = getattr(getattr(cfg, section), f.name)
+            kept = getattr(getattr(before, section), f.name)
+            if f.name == "arch" and not given:  # derived; filled in from the checkpoint
+                continue
+            if given != kept:
+                changed.append(f"{section}.{f.name} (saved {_brief(kept)}, given {_brief(given)})")
+    if changed:
+        raise ConfigError(
+            f"--resume cannot change what the run trains: {'; '.join(changed)}; leave these "
+            "options out (the saved values are used) or start a new run with another --out"
+        )
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

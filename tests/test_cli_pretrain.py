@@ -139,6 +139,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, demo_root):
     existing = tmp_path / "existing"
     (existing).mkdir()
     (existing / "config.yaml").write_text("run: {}\n")
+    (existing / "checkpoints").mkdir()  # a run dir without a checkpoint may be started again
+    (existing / "checkpoints" / "latest.pt").write_bytes(b"")
     cases = [
         (["--data", tmp_path / "missing", "--steps", 1], "no shard matches"),
         (["--data", tmp_path / "empty", "--steps", 1], "no *.tar shards"),

@@ -204,7 +204,9 @@ def overrides_from_flags(kwargs: dict) -> dict:
 
 
 def resolve_config(config_file: str | None, resume: bool, flags: dict):
-    """defaults <- saved run config (with --resume) <- YAML file <- flags."""
+    """defaults <- saved run config (with --resume) <- YAML file <- flags, each value converted to
+    its option's type. On resume, options that define what the run trains must keep their saved
+    values (`clipkit.config.check_resume`, applied against the checkpoint when training starts)."""
     from pathlib import Path
 
     from clipkit.config import Config, ConfigError, load_yaml, merge
@@ -216,10 +218,10 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = Path(out) / "config.yaml"
         if saved.is_file():
-            merge(cfg, load_yaml(saved))
+            merge(cfg, load_yaml(saved), source=str(saved))
     if config_file:
-        merge(cfg, load_yaml(config_file))
-    merge(cfg, flags)
+        merge(cfg, load_yaml(config_file), source=f"config file {config_file}")
+    merge(cfg, flags, source="the command-line flags")
     return cfg
 
 

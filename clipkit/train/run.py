@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
+import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from clipkit import checkpoint
-from clipkit.config import Config, ConfigError, save_yaml, validate
+from clipkit.config import Config, ConfigError, check_resume, load_yaml, save_yaml, validate
 from clipkit.data.pipeline import DataPosition, build_loader
 from clipkit.distributed import DistInfo
 from clipkit.train.logging import log
+from clipkit.train.run_lock import RunLock
 from clipkit.train.trainer import Trainer, TrainingError, TrainState
 
 
@@ -44,30 +48,113 @@ def total_steps(cfg: Config) -> int:
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """Refuse to mix runs: an existing run dir needs --resume and a compatible config."""
+    """Decide what this start does with the run directory (main rank, holding its lock).
+
+    A checkpoint there: continue it with --resume, refuse without (two runs never mix). No
+    checkpoint (a new directory, or a run that stopped before its first save): start at step 0,
+    replacing the stopped run's logs; --resume on it says to start again instead. Temporary files
+    a killed write left behind are removed either way.
+    """
     run_dir = Path(cfg.run.out)
-    latest = run_dir / "checkpoints" / "latest.pt"
-    if resume and not latest.is_file():
+    ckpts = run_dir / "checkpoints"
+    latest = ckpts / "latest.pt"
+    _remove_leftover_tmp(run_dir, ckpts)
+    steps = sorted((p for p in ckpts.glob("step-*.pt") if p.stem[5:].isdigit()), key=_step_of)
+    if resume and steps and not latest.is_file():  # killed between writing a step and linking
+        log.warning("%s is missing; resuming from %s", latest, steps[-1].name)
+        checkpoint.link_latest(steps[-1], latest)
+    has_checkpoint = latest.is_file() or bool(steps)
+    stopped_early = not has_checkpoint and _holds_run_config(run_dir)
+    if resume and not has_checkpoint:
+        if stopped_early:
+            raise ConfigError(
+                f"--resume: {run_dir} has no checkpoint (its run stopped before the first save); "
+                "run the same command without --resume to start it again"
+            )
         raise ConfigError(f"--resume: no checkpoint at {latest}; start without --resume")
-    if not resume and (latest.is_file() or (run_dir / "config.yaml").is_file()):
+    if not resume and has_checkpoint:
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
+    if stopped_early:
+        log.warning(
+            "%s holds a run that stopped before its first checkpoint: starting it again at "
+            "step 0 (its metrics.jsonl, tensorboard/ and curves.png are replaced)",
+            run_dir,
+        )
+        for name in ("metrics.jsonl", "curves.png"):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     return run_dir
 
 
+def _step_of(path: Path) -> int:
+    return int(path.stem[5:])
+
+
+def _holds_run_config(run_dir: Path) -> bool:
+    """Whether run_dir/config.yaml is a clipkit run config; refuse any other config.yaml (the
+    directory is not a run of ours, so nothing there is replaced)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        Config.from_dict(load_yaml(path))
+    except ConfigError:
+        raise ConfigError(
+            f"{run_dir} holds a config.yaml that is not a clipkit run config; choose another --out"
+        ) from None
+    return True
+
+
+def _remove_leftover_tmp(*folders: Path) -> None:
+    """Delete `.NAME.tmp*` files of writes killed half-way (the run lock rules out a live one)."""
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp*"):
+            if tmp.is_file():
+                log.info("removing %s, left by an interrupted write", tmp)
+                tmp.unlink(missing_ok=True)
+
+
+# errno values only a write produces; other errors count as write failures when they name a path
+# inside the run directory.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _write_failure(e: OSError, run_dir: Path) -> str | None:
+    """A failed write into the run directory as one line; None for any other OSError."""
+    path = Path(e.filename) if isinstance(e.filename, (str, os.PathLike)) else None
+    inside = path is not None and path.resolve().is_relative_to(run_dir.resolve())
+    if e.errno not in _WRITE_ERRNOS and not inside:
+        return None
+    return (
+        f"cannot write {path or run_dir}: {e.strerror or e}; the checkpoints already written "
+        "are intact"
+    )
+
+
 def pretrain(cfg: Config, resume: bool = False) -> dict:
+    from clipkit import distributed
+
+    validate(cfg)
+    dist = distributed.env_info()
+    # Only the main rank writes into the run directory, so only it takes the lock; it does so
+    # before anything is written, which also proves the directory writable before any work.
+    with RunLock(cfg.run.out) if dist.is_main else nullcontext():
+        run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.run.out)
+        return _train(cfg, resume, run_dir, dist)
+
+
+def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
     from clipkit import distributed, methods
     from clipkit.models import factory
     from clipkit.train.optim import build_optimizer
 
-    validate(cfg)
-    run_dir = prepare_run_dir(cfg, resume)
-    dist = distributed.env_info()
     device = pick_device(cfg.run.device, dist)
     set_threads(cfg, dist)
     saved = checkpoint.load(run_dir, map_location="cpu") if resume else None
     if saved is not None:
+        check_resume(cfg, saved["config"])
         cfg.model.arch = saved["config"]["model"]["arch"]
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
@@ -91,7 +178,6 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
             pin_memory=device.type == "cuda",
         )
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, run_dir / "config.yaml")
             log.info(
                 "data: %d shard(s), %d samples/epoch, %d batches/epoch per rank",
@@ -109,6 +195,11 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
             f"rank {dist.rank} lost contact with another rank, which probably failed (see its "
             f"log): {first}"
         ) from None
+    except OSError as e:
+        message = _write_failure(e, run_dir)
+        if message is None:
+            raise
+        raise TrainingError(message) from None
     finally:
         distributed.cleanup()
     summary["run_dir"] = str(run_dir)
@@ -118,16 +209,27 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
 
 
 def _restore(saved: dict, method, optimizer, dist: DistInfo, workers: int) -> TrainState:
-    method.model.load_state_dict(saved["model"])
-    method.load_extra_state(saved["method_state"])
-    optimizer.load_state_dict(saved["optimizer"])
+    try:
+        method.model.load_state_dict(saved["model"])
+        method.load_extra_state(saved["method_state"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise checkpoint.CheckpointError(
+            f"{saved.get('_path', 'the checkpoint')} does not fit the model and optimizer built "
+            f"from its config ({first})"
+        ) from None
     positions = saved["data_position"]
-    if saved.get("world_size", 1) != dist.world_size:
+    saved_workers = max(saved.get("workers", workers), 1)
+    if saved.get("world_size", 1) != dist.world_size or saved_workers != max(workers, 1):
+        # Each (rank, worker) reads its own share of the shards; a new split has no position.
         log.warning(
-            "resuming on %d rank(s) from a %d-rank run: the data stream restarts its "
-            "epoch order (not an exact resume)",
+            "resuming with %d rank(s) x %d worker(s) a run of %d x %d: the data stream "
+            "restarts its epoch order (not an exact resume)",
             dist.world_size,
-            saved.get("world_size"),
+            max(workers, 1),
+            saved.get("world_size", 1),
+            saved_workers,
         )
         position = DataPosition()
     else:

@@ -62,6 +62,7 @@ class Trainer:
         self.runlog = RunLog(run_dir, dist.is_main)
         self.runlog.truncate_after(state.step)
         self.stop_requested: str | None = None
+        self.saved_step: int | None = state.step or None  # step of the newest checkpoint on disk
         self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps
 
     # -- setup ---------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class Trainer:
         if self.state.nonfinite_steps >= 5:
             raise TrainingError(
                 f"loss was non-finite for {self.state.nonfinite_steps} steps in a row at step "
-                f"{self.state.step}; lower --lr or check the data (last checkpoint is intact)"
+                f"{self.state.step}; lower --lr or check the data ({self._checkpoint_note()})"
             )
         return False
 
@@ -316,6 +317,7 @@ class Trainer:
     def save(self) -> Path | None:
         positions = self._gather_positions()
         if not self.dist.is_main:
+            self.saved_step = self.state.step
             return None
         self._check_weights_finite()
         state = {
@@ -333,10 +335,22 @@ class Trainer:
         }
         ckpt_dir = self.run_dir / "checkpoints"
         step_path = ckpt_dir / f"step-{self.state.step}.pt"
-        checkpoint.save(state, step_path)
-        checkpoint.link_latest(step_path, ckpt_dir / "latest.pt")
+        try:
+            checkpoint.save(state, step_path)
+            checkpoint.link_latest(step_path, ckpt_dir / "latest.pt")
+        except OSError as e:  # full disk, quota, read-only: one line, latest.pt stays as it was
+            raise TrainingError(
+                f"cannot write {step_path}: {e.strerror or e}; {self._checkpoint_note()}"
+            ) from None
+        self.saved_step = self.state.step
         self._prune(ckpt_dir)
         return step_path
+
+    def _checkpoint_note(self) -> str:
+        """What a stopped run leaves to continue from, for error messages."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet: run the command again without --resume"
+        return f"the checkpoint of step {self.saved_step} is intact: continue with --resume"
 
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state()}
@@ -359,7 +373,7 @@ class Trainer:
             if not torch.isfinite(p).all():
                 raise TrainingError(
                     f"parameter {name} is non-finite at step {self.state.step}; "
-                    "not saving it (the previous checkpoint is intact)"
+                    f"not saving it ({self._checkpoint_note()})"
                 )
 
     def _prune(self, ckpt_dir: Path) -> None:
