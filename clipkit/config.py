@@ -312,6 +312,14 @@ def validate(cfg: Config) -> Config:
     _check(r.save_every >= 1, "--save-every must be >= 1")
     _check(r.log_every >= 1, "--log-every must be >= 1")
     _check(r.keep_last is None or r.keep_last >= 1, "--keep-last must be >= 1")
+    _check(r.threads is None or r.threads >= 1, "--threads must be >= 1")
+    mc = cfg.model
+    _check(mc.image_size is None or mc.image_size >= 1, "--image-size must be >= 1")
+    _check(mc.context_length is None or mc.context_length >= 1, "--context-length must be >= 1")
+    _check(
+        mc.lock_image_unlocked_layers >= 0 and mc.lock_text_unlocked_layers >= 0,
+        "--lock-image-unlocked-layers / --lock-text-unlocked-layers must be >= 0",
+    )
     _check(r.precision in ("auto", "fp32", "bf16", "fp16"), "--precision: auto|fp32|bf16|fp16")
     _check(
         r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
