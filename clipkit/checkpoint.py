@@ -93,8 +93,11 @@ def verify_archive(path: Path) -> None:
     """Check the CRC-32 of every member of the zip archive torch.save writes (torch's reader
     does not): flipped bits anywhere in the file are caught here. About as fast as reading the
     file once (0.05 s per 100 MB)."""
-    with open(path, "rb") as f:
-        is_zip_start = f.read(4) == b"PK\x03\x04"
+    try:
+        with open(path, "rb") as f:
+            is_zip_start = f.read(4) == b"PK\x03\x04"
+    except OSError as e:  # unreadable (permissions, a FIFO...): one line, not a traceback
+        raise CheckpointError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()

@@ -44,8 +44,7 @@ def writing(path: str | Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
-        raise OutputError(f"cannot write {path}: {_cause(e)}{where}") from None
+        raise OutputError(f"cannot write {path}: {_cause(e)}") from None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -149,7 +148,9 @@ def replace_dir(tmp: Path, out: Path) -> None:
         if old is not None:
             os.replace(old, out)
         raise
-    if old is not None:
+    if old is not None and old.is_symlink():  # `out` was a link: drop the link, not its target
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -174,6 +175,13 @@ def write_marker(folder: str | Path, kind: str) -> None:
     (Path(folder) / MARKER).write_text(text)
 
 
+def _resolve(path: str | Path, what: str) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
+        raise OutputError(f"{what} {path}: cannot resolve the path ({e})") from None
+
+
 def check_not_input(
     out: str | Path, inputs: Iterable[str | Path], *, folder: bool, flag: str = "--out"
 ) -> None:
@@ -181,9 +189,9 @@ def check_not_input(
 
     A folder output may not be, contain or lie inside an input (replacing it would delete the
     input); a file output may not be an input file (hard links included)."""
-    o = Path(out).resolve()
+    o = _resolve(out, flag)
     for given in inputs:
-        i = Path(given).resolve()
+        i = _resolve(given, "input")
         same = o == i or (o.exists() and i.exists() and os.path.samefile(o, i))
         if same:
             raise OutputError(f"{flag} {out} is the input {given}; write the output elsewhere")
@@ -216,6 +224,14 @@ def guard_output_dir(
     place; with `renamed` (a new folder is renamed onto `out`, see `output_dir`), a folder that
     holds the working directory. A missing or empty folder is fine."""
     out = Path(out)
+    with writing(out):  # e.g. a folder that cannot be listed
+        _guard_output_dir(out, kind, inputs, overwrite, command, renamed)
+    check_writable(out)
+    return out
+
+
+def _guard_output_dir(out, kind, inputs, overwrite, command, renamed) -> None:
+    """The checks of `guard_output_dir` that look at the file system."""
     check_not_input(out, inputs, folder=True)
     if renamed and out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
         raise OutputError(
@@ -234,8 +250,6 @@ def guard_output_dir(
             )
         if not overwrite:
             raise OutputError(f"--out {out} already exists; pass --overwrite to replace it")
-    check_writable(out)
-    return out
 
 
 def guard_output_file(

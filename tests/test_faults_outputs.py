@@ -133,7 +133,8 @@ def _exported_local_dir(ckpt, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "case", ["text-checkpoint", "pickle-checkpoint", "text-pretrained", "pickle-pretrained",
+    "case", ["text-checkpoint", "pickle-checkpoint", "text-pretrained", "text-pretrained-msclip",
+             "pickle-pretrained",
              "pickle-local-dir", "text-safetensors"],
 )  # fmt: skip
 def test_text_files_and_pickles_are_refused_in_one_line(
@@ -151,6 +152,10 @@ def test_text_files_and_pickles_are_refused_in_one_line(
     elif case == "text-pretrained":
         assert "not a readable weights file" in user_error(
             *zs, "--model", "test", "--pretrained", text
+        )
+    elif case == "text-pretrained-msclip":  # MS-CLIP reads weight files with its own loader
+        assert "not a readable weights file" in user_error(
+            *zs, "--model", "msclip-tiny", "--pretrained", text
         )
     elif case == "pickle-pretrained":
         assert "pickled objects" in user_error(*zs, "--model", "test", "--pretrained", evil)
