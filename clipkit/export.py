@@ -6,15 +6,14 @@
 so that `open_clip.create_model_and_transforms('local-dir:DIR')` rebuilds the same model with
 the same preprocessing. Separate-encoder models only (CLIP, FLIP, A-CLIP online or EMA image
 tower); MS-CLIP shares one Transformer between modalities, which open_clip has no class for.
-The folder is written under a temporary name and renamed into place when complete.
+The folder is written under a temporary name and renamed into place when complete, with a
+`.clipkit-output` marker: only such a folder is ever replaced (`--overwrite`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ import torch
 
 from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError
-from clipkit.fileio import replace_dir
+from clipkit.fileio import follow_umask, guard_output_dir, output_dir
 
 CONFIG_NAME = "open_clip_config.json"
+KIND = "export"  # the marker clipkit leaves in the folders it exports
 
 
 def _state_dict(state: dict, weights: str) -> dict[str, torch.Tensor]:
@@ -59,6 +59,7 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> str:
         torch.save(tensors, folder / "open_clip_pytorch_model.bin")
         return "open_clip_pytorch_model.bin"
     save_file(tensors, str(folder / "open_clip_model.safetensors"))
+    follow_umask(folder / "open_clip_model.safetensors")  # safetensors writes 0600
     return "open_clip_model.safetensors"
 
 
@@ -79,7 +80,15 @@ def open_clip_config(arch: dict) -> dict[str, Any]:
 def export_open_clip(
     checkpoint: str | Path, out: str | Path, weights: str = "online", overwrite: bool = False
 ) -> dict[str, Any]:
-    """Write the open_clip folder for `checkpoint`; returns a summary (paths, sha256, sizes)."""
+    """Write the open_clip folder for `checkpoint`; returns a summary (paths, sha256, sizes).
+
+    `out` may not be, contain or lie inside the checkpoint's run; an existing `out` is replaced
+    (with `overwrite`) only when it is an earlier export (see clipkit.fileio)."""
+    if weights not in ("online", "ema"):
+        raise ConfigError(f"--weights must be online or ema, got '{weights}'")
+    out = guard_output_dir(
+        out, KIND, inputs=ckpt.input_paths(checkpoint), overwrite=overwrite, command="export"
+    )
     state = ckpt.load(checkpoint, map_location="cpu")
     arch = state["config"]["model"]["arch"]
     if arch.get("family") != "open_clip":
@@ -88,21 +97,11 @@ def export_open_clip(
             "(MS-CLIP shares one Transformer between image and text; open_clip has no such "
             "model). Evaluate it with --checkpoint instead"
         )
-    if weights not in ("online", "ema"):
-        raise ConfigError(f"--weights must be online or ema, got '{weights}'")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     config = open_clip_config(arch)  # before writing anything: unexportable poolings fail here
     tensors = _state_dict(state, weights)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with output_dir(out, KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         weights_file = _write_weights(tmp, tensors)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "out": str(out),
         "weights_file": str(out / weights_file),

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from clipkit.fileio import make_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +350,7 @@ def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
     """Write `index` (a CPU copy if on GPU) to `path` atomically: temp file, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(make_temp_file(path.parent, f".{path.name}.", ".tmp"))  # umask's mode, not 0600
     try:
         faiss.write_index(to_cpu(index), tmp)
         with open(tmp, "rb+") as f:

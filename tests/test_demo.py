@@ -232,7 +232,8 @@ def test_no_tmp_leftovers_and_rewrite_replaces(written, tmp_path):
     assert json.loads((target / "train" / "sizes.json").read_text()) == {
         "shard-000000.tar": 25, "shard-000001.tar": 25, "shard-000002.tar": 10,
     }  # fmt: skip
-    assert sorted(p.name for p in target.iterdir()) == ["demo.json", "eval", "train", "zeroshot"]
+    names = sorted(p.name for p in target.iterdir())
+    assert names == [".clipkit-output", "demo.json", "eval", "train", "zeroshot"]
 
 
 def test_failure_leaves_previous_output_untouched(tmp_path, monkeypatch):
@@ -251,7 +252,8 @@ def test_failure_leaves_previous_output_untouched(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         write_demo(out, seed=1, **SMALL)
     assert _tree_bytes(out) == before
-    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "eval", "train", "zeroshot"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".clipkit-output", "demo.json", "eval", "train", "zeroshot"]
 
 
 @pytest.mark.parametrize("bad", [{"train_samples": 0}, {"shard_size": 0}, {"image_size": 8}])

@@ -115,11 +115,23 @@ def load_for_eval(checkpoint, model, pretrained, weights, device):
     return loaded, dev
 
 
+def check_output(output, checkpoint, model, pretrained, *data) -> None:
+    """Before any work: `-o` must be writable and must not be one of the inputs (the checkpoint,
+    weights, data, templates...)."""
+    if not output:
+        return
+    from clipkit.eval.loading import model_inputs
+    from clipkit.fileio import guard_output_file
+
+    inputs = model_inputs({"checkpoint": checkpoint, "model": model, "pretrained": pretrained})
+    run_guarded(guard_output_file, output, inputs=inputs + [d for d in data if d])
+
+
 def write_output(output, result) -> None:
     if output:
         from clipkit.eval.results import write_json
 
-        write_json(output, result)
+        run_guarded(write_json, output, result)
         click.echo(f"results: {output}")
 
 
@@ -161,6 +173,7 @@ def zero_shot(
     from clipkit.eval.results import table
     from clipkit.eval.zero_shot import run_zero_shot
 
+    check_output(output, checkpoint, model, pretrained, data_root, templates, classnames)
     loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
     data = run_guarded(
         classification_set,
@@ -274,6 +287,7 @@ def probe(
 
     if shots is not None and shots < 1:
         fail("--shots must be >= 1")
+    check_output(output, checkpoint, model, pretrained, data_root, templates, classnames)
     loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
     sets = [
         run_guarded(
@@ -354,7 +368,12 @@ def probe(
     show_default=True,
     help="online: trained weights; ema: A-CLIP's EMA image tower with the online text tower.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --out folder that is an earlier export (no other folder is ever "
+    "replaced).",
+)
 def export(checkpoint, out, weights, overwrite):
     """Export a checkpoint to an open_clip local-dir folder.
 

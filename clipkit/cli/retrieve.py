@@ -10,7 +10,7 @@ import re
 
 import click
 
-from clipkit.cli.evaluate import load_for_eval, model_options, write_output
+from clipkit.cli.evaluate import check_output, load_for_eval, model_options, write_output
 from clipkit.cli.main import fail, run_guarded, stack_options
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
@@ -130,7 +130,12 @@ def _embed(
 @data_options
 @index_options
 @click.option("--out", required=True, type=click.Path(), help="Index directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --out that is an earlier index directory (no other folder is "
+    "ever replaced).",
+)
 @guarded
 def index_cmd(
     checkpoint,
@@ -151,9 +156,11 @@ def index_cmd(
     overwrite,
 ):
     """Embed images and captions, build and tune a FAISS index, write it with its metadata."""
-    from clipkit.eval.retrieval import build_index_dir
+    from clipkit.eval.retrieval import build_index_dir, guard_index_out
 
     budget = parse_memory(max_memory)
+    source = {"checkpoint": checkpoint, "model": model, "pretrained": pretrained}
+    run_guarded(guard_index_out, out, source, data, overwrite)  # before the work, not after
     loaded, pairs, emb = _embed(
         checkpoint,
         model,
@@ -236,6 +243,8 @@ def search(index_dir, text, image, k, as_json, html, checkpoint, device):
         fail("give exactly one of --text or --image")
     if k < 1:
         fail("-k must be >= 1")
+    if html:
+        _check_html(html, index_dir)
     idx = run_guarded(open_index_dir, index_dir)
     if k > idx.index.ntotal:
         fail(
@@ -253,15 +262,24 @@ def search(index_dir, text, image, k, as_json, html, checkpoint, device):
         for h in hits:
             click.echo(f"{h['rank']:>3}  {h['score']:.4f}  {h['key']}  {h['caption']}")
     if html:
-        from pathlib import Path
-
         from clipkit.eval.gallery import gallery_html
-        from clipkit.fileio import atomic_write_bytes
+        from clipkit.fileio import write_output_file
 
         label = f"text: {text}" if text else f"image: {image}"
         page = gallery_html(label, hits, f"top {k} of {idx.index.ntotal} from {index_dir}")
-        atomic_write_bytes(Path(html), page.encode("utf-8"))
+        run_guarded(write_output_file, html, page.encode("utf-8"))
         click.echo(f"gallery: {html}", err=as_json)
+
+
+def _check_html(html, index_dir) -> None:
+    """--html must be writable and must not overwrite the index or its files."""
+    from pathlib import Path
+
+    from clipkit.fileio import guard_output_file
+
+    folder = Path(index_dir)
+    inputs = [folder] + (list(folder.iterdir()) if folder.is_dir() else [])
+    run_guarded(guard_output_file, html, inputs=inputs, flag="--html")
 
 
 @retrieve.command(name="eval")
@@ -299,6 +317,9 @@ def eval_cmd(
         fail(f"--k: expected comma-separated integers, got '{ks}'")
     if not k_list or k_list[0] < 1:
         fail("--k values must be >= 1")
+    from clipkit.data.sources import local_paths
+
+    check_output(output, checkpoint, model, pretrained, *local_paths(data))
     budget = parse_memory(max_memory)
     loaded, pairs, emb = _embed(
         checkpoint,

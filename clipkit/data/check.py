@@ -4,12 +4,15 @@ image sizes and caption lengths, and write `sizes.json` (samples per shard) next
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import Counter
 from pathlib import Path
 
 from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
-from clipkit.fileio import atomic_write_bytes
+from clipkit.fileio import OutputError, write_output_file
+
+log = logging.getLogger(__name__)
 
 SIZE_BINS = (64, 128, 256, 512, 1024, 2048)
 
@@ -108,6 +111,12 @@ def _write_sizes(per_shard: dict[str, int]) -> list[Path]:
             except json.JSONDecodeError:
                 existing = {}
         existing.update(counts)
-        atomic_write_bytes(target, (json.dumps(existing, indent=1, sort_keys=True) + "\n").encode())
+        try:
+            write_output_file(
+                target, (json.dumps(existing, indent=1, sort_keys=True) + "\n").encode()
+            )
+        except OutputError as e:  # the report is still worth having: say so and go on
+            log.warning("%s; sizes.json not updated (the report below is complete)", e)
+            continue
         written.append(target)
     return written

@@ -9,6 +9,7 @@ Layout written by `write_demo(OUT)`:
         {train,test}/0.tar ... + nshards.txt      key.png, key.cls (class index), key.json
         classnames.txt, zeroshot_classification_templates.txt
     OUT/demo.json                                 the summary `write_demo` returns
+    OUT/.clipkit-output                           marker: a later demo may replace this folder
 
 The eval split and the zero-shot `test` splits use only (shape, colour) combinations that never
 appear in training, so they measure compositional generalisation rather than memorisation.
@@ -22,7 +23,6 @@ import math
 import os
 import shutil
 import tarfile
-import tempfile
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +31,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipkit.config import ConfigError
+from clipkit.fileio import (
+    check_writable,
+    guard_output_dir,
+    make_temp_dir,
+    write_marker,
+    writing,
+)
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 PLURALS = {s: s + "es" if s.endswith("s") else s + "s" for s in SHAPES}
@@ -43,6 +50,7 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 BACKGROUNDS = ("plain", "gradient", "striped", "noisy")
 HELD_OUT_FRACTION = 0.2
+DEMO_KIND = "demo"  # the marker kind of folders `clipkit data demo` wrote (clipkit.fileio)
 # Muted background tones; each object colour uses only those that contrast with it.
 _BG_TONES = np.array(
     [(200, 200, 200), (128, 128, 128), (60, 60, 65), (222, 205, 170), (75, 90, 110),
@@ -380,9 +388,14 @@ def write_demo(
     shard_size: int = 1000,
 ) -> dict:
     """Write the whole synthetic dataset under `out` and return a summary (also saved as
-    `out/demo.json`). Existing `train`, `eval`, `zeroshot` and `demo.json` are replaced; other
-    files are left alone. Everything is built in a hidden `out/.tmp-demo-*` folder and renamed
-    into place only once complete, so a failure never leaves half-written shards."""
+    `out/demo.json`).
+
+    `out` must be new, empty, or an earlier demo output (its `.clipkit-output` marker says so):
+    a folder holding anything else (a user's own train/ or eval/ shards...) is refused, so a
+    demo never deletes data it did not write. In an earlier demo output, `train`, `eval`,
+    `zeroshot` and `demo.json` are replaced; other files are left alone. Everything is built in
+    a hidden `out/.tmp-demo-*` folder and renamed into place only once complete, so a failure
+    never leaves half-written shards."""
     sizes = {
         "train_samples": train_samples,
         "eval_samples": eval_samples,
@@ -394,18 +407,23 @@ def write_demo(
             raise ConfigError(f"{name} must be >= 1 (got {value})")
     if image_size < 16:
         raise ConfigError(f"image_size must be >= 16 (got {image_size})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-demo-", dir=out))
+    # an earlier demo output is replaced without a flag: the demo rewrites only its own entries
+    out = guard_output_dir(out, DEMO_KIND, overwrite=True, command="data demo", renamed=False)
+    check_writable(out / "demo.json")  # written inside `out`, not next to it
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out, ".tmp-demo-")
     try:
-        summary = _write_splits(
-            tmp, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size
-        )
-        (tmp / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
-        for name in ("train", "eval", "zeroshot", "demo.json"):
-            if (out / name).exists():  # park the old copy in tmp; the finally clause deletes it
-                os.replace(out / name, tmp / f"old-{name}")
-            os.replace(tmp / name, out / name)
+        with writing(out):
+            summary = _write_splits(
+                tmp, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size
+            )
+            (tmp / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+            write_marker(out, DEMO_KIND)  # first: a swap that fails midway stays replaceable
+            for name in ("train", "eval", "zeroshot", "demo.json"):
+                if (out / name).exists():  # park the old copy in tmp; the finally deletes it
+                    os.replace(out / name, tmp / f"old-{name}")
+                os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), **summary}

@@ -48,6 +48,24 @@ def expand_sources(data: str) -> list[str]:
     return urls
 
 
+def local_paths(data: str) -> list[Path]:
+    """The local files and folders that `--data` names (brace patterns expanded, URLs left out):
+    what an output must not overwrite."""
+    from webdataset.shardlists import expand_urls
+
+    paths: list[Path] = []
+    for source in (data or "").split("::"):
+        source = source.strip()
+        if not source or _is_remote(source):
+            continue
+        try:
+            names = [source] if Path(source).exists() else expand_urls(source)
+        except ValueError:  # a malformed brace pattern names nothing to protect
+            names = [source]
+        paths.extend(Path(name) for name in names)
+    return paths
+
+
 def read_sizes(urls: list[str]) -> int | None:
     """Total samples from `sizes.json` files next to local shards (open_clip's convention)."""
     total = 0

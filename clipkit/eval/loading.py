@@ -116,6 +116,23 @@ def _from_open_clip(name: str, pretrained: str | None) -> LoadedModel:
     )
 
 
+def model_inputs(source: dict[str, Any]) -> list[Path]:
+    """The files and folders a model is read from (`LoadedModel.source`, or the --checkpoint /
+    --model / --pretrained flags as a dict): what an output must not overwrite."""
+    paths: list[Path] = []
+    if source.get("checkpoint"):
+        paths += ckpt.input_paths(source["checkpoint"])
+    model = source.get("model") or ""
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:") :])
+        paths.append(folder)
+        if folder.is_dir():
+            paths += [p for p in folder.iterdir() if p.is_file()]
+    if source.get("pretrained"):
+        paths.append(Path(source["pretrained"]))
+    return paths
+
+
 def load_model(
     checkpoint: str | None = None,
     model: str | None = None,

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from clipkit.fileio import atomic_write_bytes
+from clipkit.fileio import write_output_file
 
 _PACKAGES = ("clipkit", "torch", "open_clip_torch", "faiss-gpu", "faiss-cpu", "numpy")
 
@@ -67,9 +67,10 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Atomically (temp file + rename): a crash never leaves a half-written results file."""
+    """Atomically (temp file + rename): a crash never leaves a half-written results file; an
+    OSError is one line naming the path (OutputError)."""
     text = json.dumps(_clean(obj), indent=2, sort_keys=False, default=str) + "\n"
-    atomic_write_bytes(Path(path), text.encode())
+    write_output_file(Path(path), text.encode())
 
 
 def table(rows: list[tuple[str, Any]], title: str | None = None) -> str:

@@ -7,6 +7,7 @@ An index directory holds:
     image_embeddings.npy   the embeddings the index holds (re-indexing, exact checks)
     model.json             how to load the model again to embed queries, and its embed dim
     report.json            index type, size, build time, recall@10 vs exact, median latency
+    .clipkit-output        marker: only such a folder is ever replaced (`--overwrite`)
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from clipkit.config import ConfigError
 from clipkit.data.eval_pairs import PairedSet, collate_pairs
+from clipkit.data.sources import local_paths
 from clipkit.eval.embed import (
     SkipCounter,
     check_skipped,
@@ -34,10 +34,12 @@ from clipkit.eval.embed import (
     make_loader,
     progress,
 )
+from clipkit.eval.loading import model_inputs
 from clipkit.eval.metrics import retrieval_recall, retrieval_recall_from_index
-from clipkit.fileio import replace_dir
+from clipkit.fileio import guard_output_dir, output_dir
 
 log = logging.getLogger(__name__)
+INDEX_KIND = "index"  # the marker clipkit leaves in the index directories it writes
 
 
 @dataclass
@@ -175,18 +177,16 @@ def build_index_dir(
     data_root: str = "",
 ) -> dict[str, Any]:
     """Write an index directory (see the module docstring) atomically: everything goes into a
-    temporary sibling that is renamed into place only when complete."""
+    temporary sibling that is renamed into place only when complete. `out` may not be, contain
+    or lie inside the model's files or the data; an existing `out` is replaced (`overwrite`)
+    only when it is an earlier index directory."""
     from clipkit import index as faiss_index
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    out = guard_index_out(out, loaded.source, data_root, overwrite)
     images = emb.image_features.numpy()
     texts = emb.text_features.numpy()
     built, report = _build(images, index_type, max_memory, target_recall, texts, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with output_dir(out, INDEX_KIND) as tmp:
         faiss_index.save_index(built, tmp / "image.index")
         report["size_bytes"] = os.path.getsize(tmp / "image.index")
         np.save(tmp / "image_embeddings.npy", images)
@@ -205,10 +205,20 @@ def build_index_dir(
             skipped_images=emb.skipped.count,
         )
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def guard_index_out(out: str | Path, source: dict, data: str, overwrite: bool) -> Path:
+    """Check `out` before any work (see clipkit.fileio.guard_output_dir): `source` says where
+    the model comes from (LoadedModel.source, or the --checkpoint / --model / --pretrained
+    flags), `data` is the --data the index is built from."""
+    return guard_output_dir(
+        out,
+        INDEX_KIND,
+        inputs=model_inputs(source) + local_paths(data),
+        overwrite=overwrite,
+        command="retrieve index",
+    )
 
 
 def _write_metadata(path: Path, emb: PairEmbeddings) -> None:

@@ -20,7 +20,7 @@ from matplotlib.patches import Rectangle
 
 from clipkit.config import ConfigError, DataConfig
 from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD
-from clipkit.fileio import atomic_write_bytes
+from clipkit.fileio import guard_output_file, write_output_file
 
 ACLIP_FAMILY = ("aclip", "aclip-eff", "attmask-high")  # methods with a teacher-driven token choice
 
@@ -108,7 +108,7 @@ def render_masks(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     out = Path(out_png)
-    atomic_write_bytes(out, buffer.getvalue())  # never a half-written PNG
+    write_output_file(out, buffer.getvalue())  # never a half-written PNG
     return out
 
 
@@ -182,10 +182,14 @@ def inspect_masks(
     device: str = "cpu",
 ) -> Path:
     """Draw the token choice of an A-CLIP-family checkpoint on `n` samples of `data`."""
+    from clipkit import checkpoint
+    from clipkit.data.sources import local_paths
     from clipkit.models import factory
 
     if n < 1:
         raise ConfigError("--n must be >= 1")
+    inputs = checkpoint.input_paths(checkpoint_path) + local_paths(data)
+    guard_output_file(out_png, inputs=inputs, flag="--out")  # before the work, not after
     method, cfg = load_aclip_method(checkpoint_path, weights, device)
     arch = cfg.model.arch
     batch = read_batch(data, arch, method.views, factory.tokenizer(arch), n, seed, cfg.data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -256,13 +257,43 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     if hasattr(model, "load_weights_file"):  # families with their own layouts (MS-CLIP)
         model.load_weights_file(str(p))
         return
+    check_weights_file(p)
     from open_clip.factory import load_checkpoint
 
     try:
         load_checkpoint(model, str(p), strict=True, weights_only=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"weights in {p} do not fit this model: {first}") from None
+
+
+def check_weights_file(p: Path) -> None:
+    """Refuse, in one line, a weights file open_clip's loader would fail on with a traceback (a
+    pickle with code in it, with torch's advice to turn the safe load off; a text file; a
+    truncated file). Cheap: safetensors read only their header, zip archives are memory-mapped."""
+    from clipkit.checkpoint import CheckpointError, read_torch_file
+
+    if p.suffix in (".npz", ".npy"):  # big_vision weights: numpy refuses pickles itself
+        return
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                empty = not list(f.keys())
+        except Exception as e:  # safetensors raises its own types for every kind of damage
+            raise CheckpointError(
+                f"{p} is not a readable safetensors file ({type(e).__name__})"
+            ) from None
+    else:
+        obj = read_torch_file(p, "cpu", what="weights file", mmap=zipfile.is_zipfile(p))
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{p} holds no state_dict (a dict of tensors)")
+        empty = not obj
+    if empty:
+        raise CheckpointError(f"{p} holds no weights")
 
 
 def image_size(arch: dict) -> int:
