@@ -6,9 +6,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from clipkit.cli.main import run_guarded
+from clipkit.cli.main import fail, run_guarded
+
+
+def check_out_file(out: str) -> None:
+    """--out names a file to create: refuse, before any work, a path under an existing file
+    (a folder is refused by click.Path(dir_okay=False))."""
+    first_existing = next((p for p in Path(out).parents if p.exists()), None)
+    if first_existing is not None and not first_existing.is_dir():
+        fail(f"--out {out}: {first_existing} is a file, not a folder")
 
 
 @click.group(context_settings={"max_content_width": 100})
@@ -28,8 +38,15 @@ def inspect():
     required=True,
     help="Shards to draw samples from (a directory of *.tar, a brace pattern, or '::'-joined).",
 )
-@click.option("--out", required=True, help="PNG file to write (written atomically).")
-@click.option("--n", default=4, show_default=True, help="Samples (rows) to draw.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="PNG file to write (written atomically).",
+)
+@click.option(
+    "--n", default=4, type=click.IntRange(min=1), show_default=True, help="Samples (rows) to draw."
+)
 @click.option(
     "--weights",
     type=click.Choice(["online", "ema"]),
@@ -51,8 +68,11 @@ def masks(checkpoint_path, data, out, n, weights, seed, device):
     """
     import torch
 
+    from clipkit.eval.loading import pick_device
     from clipkit.methods.aclip_viz import inspect_masks
 
+    check_out_file(out)
+    dev = run_guarded(pick_device, device)
     with torch.no_grad():
-        path = run_guarded(inspect_masks, checkpoint_path, data, out, n, weights, seed, device)
+        path = run_guarded(inspect_masks, checkpoint_path, data, out, n, weights, seed, dev)
     click.echo(f"masks: {path}")
