@@ -63,6 +63,7 @@ def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size
 @click.option(
     "--max-pixels",
     default=89_478_485,
+    type=click.IntRange(min=1),
     show_default=True,
     help="Images with more pixels count as bad (decompression-bomb guard).",
 )

@@ -11,8 +11,11 @@ retrieval. Layouts follow what users already have:
 - `demo`: the built-in demo (`clipkit data demo`): DIR/zeroshot/{task} in the `wds` layout.
 
 Captioned sets for retrieval live in `clipkit.data.eval_pairs`. Images that cannot be decoded
-are skipped and counted (the loaders' collate drops them and reports their names), never
-silently: callers surface the count and the first names, and stop past a set fraction.
+(and `cls` labels that are not integers) are skipped and counted (the loaders' collate drops
+them and reports their names), never silently: callers surface the count and the first names,
+and stop past a set fraction. A tar shard that cannot be read to its end stops the evaluation
+with `DataReadError`. Class-name and template files are UTF-8, non-empty, and templates have no
+field but `{c}`. Results name the sets as CLIP_benchmark does (`clipkit.eval.results`).
 """
 
 from __future__ import annotations
