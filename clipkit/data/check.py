@@ -167,11 +167,7 @@ def check_shards(
 
 
 def _damage_line(d: dict) -> str:
-    lost = (
-        f"{d['samples_lost']} sample(s) lost"
-        if d["exact"]
-        else (f"at least {d['samples_lost']} sample(s) lost")
-    )
+    lost = f"{'' if d['exact'] else 'at least '}{d['samples_lost']} sample(s) lost"
     return (
         f"  unreadable: {d['shard']}: {d['cause']} at byte {d['offset']:,}, after "
         f"{d['after_samples']} sample(s); the rest of the shard is unreadable ({lost})"

@@ -135,18 +135,20 @@ def _positive_ints(value) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 def _check_sizes(cfg, source: str, where: str = "") -> None:
     """Every size in a model config, at any depth, is a positive integer (and mlp_ratio a
-    positive number): zero or negative sizes otherwise fail deep inside torch."""
+    positive number; None means unused): zero or negative sizes fail deep inside torch."""
     if not isinstance(cfg, dict):
         return
     for key, value in cfg.items():
         name = f"{where}.{key}" if where else key
-        if key in _SIZE_KEYS and value is not None and not _positive_ints(value):  # None: unused
+        if value is not None and key in _SIZE_KEYS and not _positive_ints(value):
             raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
-        if key in _POSITIVE_FLOAT_KEYS and not (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-        ):
+        if value is not None and key in _POSITIVE_FLOAT_KEYS and not _positive_number(value):
             raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
         _check_sizes(value, source, name)
 
@@ -194,9 +196,9 @@ def _arch_from_json(data: dict, source: str) -> dict:
         _check_sizes(body, source)  # before MSCLIPConfig's own checks divide by them
         return {"family": "msclip", "config": MSCLIPConfig.from_dict(body).to_dict()}
     model_cfg = data.get("model_cfg", data)
-    if not all(
-        isinstance(model_cfg.get(k) if isinstance(model_cfg, dict) else None, dict)
-        for k in ("vision_cfg", "text_cfg")
+    towers = ("vision_cfg", "text_cfg")
+    if not isinstance(model_cfg, dict) or not all(
+        isinstance(model_cfg.get(k), dict) for k in towers
     ):
         raise ConfigError(f"{source}: an open_clip model config needs 'vision_cfg' and 'text_cfg'")
     return {
