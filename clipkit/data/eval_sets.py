@@ -333,9 +333,10 @@ def _wds(root: Path, split: str, transform, templates_file, classnames_file, nam
     shards = sorted((root / split).glob("*.tar")) if (root / split).is_dir() else []
     names_file = Path(classnames_file) if classnames_file else root / "classnames.txt"
     if not shards or not (classnames_file or names_file.is_file()):
+        names = "" if classnames_file else f" and {names_file}"
         raise DatasetLayoutError(
             f"{root}: expected CLIP_benchmark's WebDataset layout: {root}/{split}/*.tar (cls + "
-            f"webp|png|jpg members) and {root}/classnames.txt"
+            f"webp|png|jpg members){names}"
         )
     classnames = read_lines(names_file, "class names")  # a missing --classnames file named as is
     templates = _templates(root, templates_file, DEFAULT_TEMPLATES)
