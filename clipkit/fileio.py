@@ -21,12 +21,10 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from clipkit.config import ConfigError
-
 MARKER = ".clipkit-output"
 
 
-class OutputError(ConfigError):
+class OutputError(ValueError):
     """An output that clipkit will not or cannot write; a user-facing error (one line, exit 2)."""
 
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,6 +56,10 @@ class IndexMismatchError(ValueError):
 
 class IndexBudgetError(ValueError):
     """No index kind fits the memory budget."""
+
+
+class IndexFileError(ValueError):
+    """An index file faiss cannot read: truncated, corrupt, or not a faiss index."""
 
 
 @dataclass(frozen=True)
@@ -363,7 +368,8 @@ def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
 
 
 def load_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
-    """Read an index; with `mmap`, vectors / codes / inverted lists stay on disk, read-only."""
+    """Read an index; with `mmap`, vectors / codes / inverted lists stay on disk, read-only.
+    A file faiss cannot parse raises `IndexFileError` (faiss's own error is a long C++ trace)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no index file at {path}")
@@ -372,8 +378,19 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
         try:
             return faiss.read_index(str(path), flags)
         except RuntimeError as e:  # an index type faiss cannot map: read it into memory
-            log.info("faiss cannot memory-map %s (%s); reading it into memory", path, e)
-    return faiss.read_index(str(path))
+            log.debug("faiss cannot memory-map %s (%s); reading it into memory", path, e)
+    try:
+        return faiss.read_index(str(path))
+    except (RuntimeError, MemoryError) as e:  # MemoryError: a corrupt size field
+        raise IndexFileError(f"{path} is not a readable faiss index ({_faiss_reason(e)})") from None
+
+
+def _faiss_reason(e: Exception) -> str:
+    """The useful tail of a faiss error ('Error in <C++ signature> at file:line: reason')."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "read error" in text:  # faiss read fewer bytes than a size field promised
+        return "truncated"
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", text)[:160]
 
 
 def _param_space() -> faiss.ParameterSpace:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.main import run_guarded
+from clipkit.cli.main import fail, run_guarded
 
 
 @click.group()
@@ -69,6 +69,7 @@ def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size
 @click.option(
     "--max-pixels",
     default=89_478_485,
+    type=click.IntRange(min=1),
     show_default=True,
     help="Images with more pixels count as bad (decompression-bomb guard).",
 )
@@ -80,29 +81,11 @@ def check(shards, image_key, text_key, max_pixels, no_sizes, as_json):
     (samples per shard, what `clipkit pretrain` reads for the epoch length)."""
     import json
 
-    from clipkit.data.check import check_shards
+    from clipkit.data.check import check_shards, format_report
     from clipkit.data.sources import expand_sources
 
     urls = run_guarded(expand_sources, shards)
     report = check_shards(urls, image_key, text_key, max_pixels, write_sizes=not no_sizes)
-    if as_json:
-        click.echo(json.dumps(report, indent=1))
-        return
-    click.echo(
-        f"{report['shards']} shard(s), {report['samples']} good samples, "
-        f"{report['bad_samples']} bad"
-    )
-    for reason, n in sorted(report["bad_by_reason"].items()):
-        click.echo(f"  bad: {reason}: {n}")
-    click.echo(
-        "  image short side: "
-        + ", ".join(f"{k}: {v}" for k, v in report["image_short_side"].items())
-    )
-    if report["caption_words"]:
-        w = report["caption_words"]
-        click.echo(
-            f"  caption words: min {w['min']}, median {w['median']}, mean {w['mean']:.1f}, "
-            f"max {w['max']}"
-        )
-    for path in report["sizes_json"]:
-        click.echo(f"  wrote {path}")
+    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
+    if report["samples"] == 0:
+        fail(f"no usable samples in {len(urls)} shard(s) (see the report above)")

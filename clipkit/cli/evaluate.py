@@ -4,12 +4,66 @@ they share with `clipkit retrieve`). Each parses, calls one library function, pr
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
 from clipkit.cli.main import fail, run_guarded, stack_options
 
 DATASET_CHOICE = click.Choice(["imagenet", "folder", "wds", "demo"])
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan (it passes every range comparison) and inf."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+# Option types shared by the evaluation commands (click's messages go through the one-line
+# error path: "Invalid value for '--batch-size': 0 is not in the range x>=1.").
+POSITIVE_INT = click.IntRange(min=1)
+NON_NEGATIVE_INT = click.IntRange(min=0)
+FRACTION = FiniteFloatRange(0, 1)  # [0, 1]
+OPEN_FRACTION = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # (0, 1)
+POSITIVE_FLOAT = FiniteFloatRange(min=0, min_open=True)
+NON_NEGATIVE_FLOAT = FiniteFloatRange(min=0)
+
+
+def loader_options() -> list:
+    """--batch-size, --workers, --device, --max-bad-fraction (evaluation and retrieval)."""
+    return [
+        click.option(
+            "--batch-size",
+            default=64,
+            type=POSITIVE_INT,
+            show_default=True,
+            help="Images per batch.",
+        ),
+        click.option(
+            "--workers",
+            default=2,
+            type=NON_NEGATIVE_INT,
+            show_default=True,
+            help="Data loader worker processes.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (CUDA if present), cpu, cuda or cuda:N.",
+        ),
+        click.option(
+            "--max-bad-fraction",
+            default=0.01,
+            type=FRACTION,
+            show_default=True,
+            help="Unreadable images are skipped and counted; stop if more than this share is.",
+        ),
+    ]
 
 
 def model_options(fn):
@@ -40,24 +94,9 @@ def model_options(fn):
 
 
 def run_options(fn):
-    """--batch-size, --workers, --device, --output."""
+    """--batch-size, --workers, --device, --max-bad-fraction, --output."""
     options = [
-        click.option("--batch-size", default=64, show_default=True, help="Images per batch."),
-        click.option(
-            "--workers", default=2, show_default=True, help="Data loader worker processes."
-        ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="auto (CUDA if present), cpu, cuda or cuda:N.",
-        ),
-        click.option(
-            "--max-bad-fraction",
-            default=0.01,
-            show_default=True,
-            help="Unreadable images are skipped and counted; stop if more than this share is.",
-        ),
+        *loader_options(),
         click.option(
             "--output",
             "-o",
@@ -207,14 +246,23 @@ def zero_shot(
 @dataset_options
 @click.option("--train-split", default="train", show_default=True, help="Split to fit on.")
 @click.option("--test-split", default="test", show_default=True, help="Split to score on.")
-@click.option("--shots", type=int, help="Few-shot: K training images per class.")
-@click.option("--seeds", default=3, show_default=True, help="Few-shot: number of seeds.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the validation split.")
+@click.option("--shots", type=POSITIVE_INT, help="Few-shot: K training images per class.")
+@click.option(
+    "--seeds", default=3, type=POSITIVE_INT, show_default=True, help="Few-shot: number of seeds."
+)
+@click.option(
+    "--seed",
+    default=0,
+    type=NON_NEGATIVE_INT,
+    show_default=True,
+    help="Seed of the validation split.",
+)
 @click.option(
     "--val-fraction",
     default=0.2,
+    type=OPEN_FRACTION,
     show_default=True,
-    help="Share of train held out to sweep the weight decay.",
+    help="Share of train held out to sweep the weight decay, in (0, 1).",
 )
 @click.option(
     "--cache-dir",
@@ -231,13 +279,37 @@ def zero_shot(
     help="linear: logistic regression on cached features; vqt: Visual Query Tuning "
     "(Tang et al., arXiv 2212.03220), learnable queries in every frozen ViT layer + a linear head.",
 )
-@click.option("--vqt-queries", default=5, show_default=True, help="vqt: query tokens per layer.")
-@click.option("--vqt-epochs", default=10, show_default=True, help="vqt: passes over train.")
-@click.option("--vqt-lr", default=1e-3, show_default=True, help="vqt: AdamW learning rate.")
 @click.option(
-    "--vqt-weight-decay", default=1e-4, show_default=True, help="vqt: AdamW weight decay."
+    "--vqt-queries",
+    default=5,
+    type=POSITIVE_INT,
+    show_default=True,
+    help="vqt: query tokens per layer.",
 )
-@click.option("--vqt-batch-size", default=32, show_default=True, help="vqt: training batch.")
+@click.option(
+    "--vqt-epochs", default=10, type=POSITIVE_INT, show_default=True, help="vqt: passes over train."
+)
+@click.option(
+    "--vqt-lr",
+    default=1e-3,
+    type=POSITIVE_FLOAT,
+    show_default=True,
+    help="vqt: AdamW learning rate.",
+)
+@click.option(
+    "--vqt-weight-decay",
+    default=1e-4,
+    type=NON_NEGATIVE_FLOAT,
+    show_default=True,
+    help="vqt: AdamW weight decay.",
+)
+@click.option(
+    "--vqt-batch-size",
+    default=32,
+    type=POSITIVE_INT,
+    show_default=True,
+    help="vqt: training batch.",
+)
 @model_options
 @run_options
 def probe(
@@ -285,8 +357,6 @@ def probe(
     from clipkit.eval.linear_probe import default_cache_dir, run_probe
     from clipkit.eval.results import table
 
-    if shots is not None and shots < 1:
-        fail("--shots must be >= 1")
     check_output(output, checkpoint, model, pretrained, data_root, templates, classnames)
     loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
     sets = [

@@ -29,7 +29,9 @@ def inspect():
     help="Shards to draw samples from (a directory of *.tar, a brace pattern, or '::'-joined).",
 )
 @click.option("--out", required=True, help="PNG file to write (written atomically).")
-@click.option("--n", default=4, show_default=True, help="Samples (rows) to draw.")
+@click.option(
+    "--n", default=4, type=click.IntRange(min=1), show_default=True, help="Samples (rows) to draw."
+)
 @click.option(
     "--weights",
     type=click.Choice(["online", "ema"]),
@@ -51,8 +53,10 @@ def masks(checkpoint_path, data, out, n, weights, seed, device):
     """
     import torch
 
+    from clipkit.eval.loading import pick_device
     from clipkit.methods.aclip_viz import inspect_masks
 
+    dev = run_guarded(pick_device, device)
     with torch.no_grad():
-        path = run_guarded(inspect_masks, checkpoint_path, data, out, n, weights, seed, device)
+        path = run_guarded(inspect_masks, checkpoint_path, data, out, n, weights, seed, dev)
     click.echo(f"masks: {path}")

@@ -80,8 +80,9 @@ def user_errors():
     """Exception types that are the user's mistake (printed on one line, exit 2)."""
     from clipkit.checkpoint import CheckpointError
     from clipkit.config import ConfigError
+    from clipkit.fileio import OutputError
 
-    types: list[type] = [ConfigError, CheckpointError, FileNotFoundError]
+    types: list[type] = [ConfigError, CheckpointError, OutputError, FileNotFoundError]
     index = sys.modules.get("clipkit.index")  # only loaded (with faiss) by retrieval commands
     if index is not None:
         types.append(index.IndexMismatchError)

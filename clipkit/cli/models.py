@@ -9,8 +9,18 @@ from clipkit.cli.main import run_guarded
 
 @click.command()
 @click.argument("name", required=False)
-@click.option("--image-size", type=int, default=None, help="Override the image size.")
-@click.option("--context-length", type=int, default=None, help="Override the context length.")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Override the image size (ViTs: a multiple of the patch size).",
+)
+@click.option(
+    "--context-length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Override the context length.",
+)
 def models(name, image_size, context_length):
     """List model presets and open_clip names; with NAME, print its architecture and parameter
     counts (built on the meta device: no memory for weights)."""

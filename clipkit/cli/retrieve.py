@@ -10,7 +10,15 @@ import re
 
 import click
 
-from clipkit.cli.evaluate import check_output, load_for_eval, model_options, write_output
+from clipkit.cli.evaluate import (
+    NON_NEGATIVE_INT,
+    FiniteFloatRange,
+    check_output,
+    load_for_eval,
+    loader_options,
+    model_options,
+    write_output,
+)
 from clipkit.cli.main import fail, run_guarded, stack_options
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
@@ -61,10 +69,17 @@ def index_options(fn):
         click.option(
             "--target-recall",
             default=0.95,
+            type=FiniteFloatRange(0, 1, min_open=True),
             show_default=True,
             help="Tune nprobe / efSearch until recall@10 vs exact search reaches this.",
         ),
-        click.option("--seed", default=0, show_default=True, help="Seed of index training."),
+        click.option(
+            "--seed",
+            default=0,
+            type=NON_NEGATIVE_INT,
+            show_default=True,
+            help="Seed of index training.",
+        ),
     ]
     return stack_options(fn, options)
 
@@ -80,15 +95,7 @@ def data_options(fn):
         click.option(
             "--split", default="test", show_default=True, help="Split folder, if --data has one."
         ),
-        click.option("--batch-size", default=64, show_default=True, help="Images per batch."),
-        click.option("--workers", default=2, show_default=True, help="Data loader workers."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N]."),
-        click.option(
-            "--max-bad-fraction",
-            default=0.01,
-            show_default=True,
-            help="Unreadable images are skipped and counted; stop if more than this share is.",
-        ),
+        *loader_options(),
     ]
     return stack_options(fn, options)
 
@@ -221,28 +228,72 @@ def _query_vector(loaded, dev, text, image):
     return encode_images(loaded.model, torch.stack([pixels]), dev).numpy()
 
 
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "none (random weights)"
+
+
+def _check_same_weights(idx, loaded, explicit: str | None, allow: bool) -> None:
+    """Queries must be embedded by the weights that embedded the images: compare the sha256
+    recorded in model.json with the weights loaded now. A changed recorded checkpoint (e.g.
+    trained further) is refused unless `allow`; an explicit --checkpoint is the user's choice,
+    so a different one only gets a warning."""
+    recorded = idx.model_info.get("sha256")
+    if loaded.sha256 == recorded:
+        return
+    shas = f"sha256 {_short(loaded.sha256)} now, {_short(recorded)} when the index was built"
+    if explicit:
+        click.echo(
+            f"warning: --checkpoint {explicit} is not the checkpoint the index was built with "
+            f"({shas}); queries and images are embedded by different weights",
+            err=True,
+        )
+        return
+    source = loaded.pretrained or loaded.name
+    if not allow:
+        fail(
+            f"{source} has changed since the index was built ({shas}; trained further?): "
+            "rebuild the index (`clipkit retrieve index ... --overwrite`) or pass "
+            "--allow-checkpoint-mismatch to search it with the new weights"
+        )
+    click.echo(
+        f"warning: {source} has changed since the index was built ({shas}); searching with "
+        "the new weights (--allow-checkpoint-mismatch)",
+        err=True,
+    )
+
+
 @retrieve.command()
 @click.option("--index", "index_dir", required=True, help="Index directory (`retrieve index`).")
 @click.option("--text", help="Text query.")
 @click.option("--image", type=str, help="Image file query.")
-@click.option("-k", default=10, show_default=True, help="Number of results.")
+@click.option(
+    "-k", default=10, type=click.IntRange(min=1), show_default=True, help="Number of results."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--html", type=click.Path(dir_okay=False), help="Write an HTML gallery here.")
 @click.option(
     "--checkpoint",
     "-c",
-    help="Embed the query with this checkpoint instead of the one recorded in the index.",
+    help="Embed the query with this checkpoint instead of the one recorded in the index "
+    "(a warning says so when its weights differ).",
+)
+@click.option(
+    "--allow-checkpoint-mismatch",
+    is_flag=True,
+    help="Search even when the index's checkpoint has changed since it was built (e.g. "
+    "trained further): queries then use the new weights, the images the old ones.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N].")
-def search(index_dir, text, image, k, as_json, html, checkpoint, device):
-    """Search an index by text or image: rank, score, key and caption."""
+def search(index_dir, text, image, k, as_json, html, checkpoint, allow_checkpoint_mismatch, device):
+    """Search an index by text or image: rank, score, key and caption.
+
+    The query is embedded with the checkpoint recorded in the index; if that file has changed
+    since (its sha256 differs), search refuses unless --allow-checkpoint-mismatch."""
     from clipkit.eval.loading import load_from_source, pick_device
     from clipkit.eval.retrieval import open_index_dir, search_index_dir
 
     if (text is None) == (image is None):
         fail("give exactly one of --text or --image")
-    if k < 1:
-        fail("-k must be >= 1")
     if html:
         _check_html(html, index_dir)
     idx = run_guarded(open_index_dir, index_dir)
@@ -254,6 +305,7 @@ def search(index_dir, text, image, k, as_json, html, checkpoint, device):
     dev = run_guarded(pick_device, device)
     source = {"checkpoint": checkpoint} if checkpoint else idx.model_info
     loaded = run_guarded(load_from_source, source, dev)
+    _check_same_weights(idx, loaded, checkpoint, allow_checkpoint_mismatch)
     query = _query_vector(loaded, dev, text, image)
     hits = run_guarded(search_index_dir, idx, query, k)
     if as_json:
@@ -349,12 +401,13 @@ def eval_cmd(
     rows += [(f"{name} index", out["index_metrics"][name]) for name in out["metrics"]]
     click.echo(table(rows, f"retrieval on {pairs.root} ({n_img} images, {n_txt} captions)"))
     result = results_dict(
-        dataset=pairs.root,
+        dataset=pairs.name,
         loaded=loaded,
         task="zeroshot_retrieval",
         metrics=out["metrics"],
         num_samples=n_img,
         extra={
+            "data_root": pairs.root,
             "num_captions": n_txt,
             "index_metrics": out["index_metrics"],
             "indexes": out["indexes"],

@@ -1,5 +1,9 @@
 """`clipkit data check`: read every shard once, count good and bad samples by reason, summarise
-image sizes and caption lengths, and write `sizes.json` (samples per shard) next to the shards."""
+image sizes and caption lengths, and write `sizes.json` (samples per shard) next to the shards.
+
+A shard that stops before its end (a corrupt member header, a truncated file) is reported with
+the byte and the number of samples it cost, counted as `unreadable_shard` (the reason the
+training stream uses), and named among the worst shards: never a silent short count."""
 
 from __future__ import annotations
 
@@ -7,14 +11,17 @@ import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
+from clipkit.data.tarscan import TarStopped, count_samples, read_members
 from clipkit.fileio import OutputError, write_output_file
 
 log = logging.getLogger(__name__)
 
 SIZE_BINS = (64, 128, 256, 512, 1024, 2048)
+WORST_SHARDS = 5  # shards named in the report, most bad samples first
 
 
 def _size_bin(side: int) -> str:
@@ -24,34 +31,91 @@ def _size_bin(side: int) -> str:
     return f">={SIZE_BINS[-1]}"
 
 
-def check_shard(url: str, image_key: str, text_key: str, max_pixels: int) -> dict:
-    """Counts for one shard: good samples, bad by reason, image size bins, caption lengths."""
-    from webdataset.tariterators import tarfile_samples
+def _samples(url: str, on_error) -> Iterator[dict]:
+    """Raw samples of one shard, grouped as the training stream groups them (webdataset's
+    `group_by_keys`); raises `TarStopped` where the archive stops before its end. The sample
+    being read when it stops is never yielded: it may lack members."""
+    import contextlib
+    import re
 
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys
+
+    with contextlib.closing(gopen(url)) as stream:
+        files = (
+            {"fname": name, "data": data, "__url__": url}
+            for name, data in read_members(stream)
+            if not re.match(r"__[^/]*__($|/)", name)  # webdataset's metadata members
+        )
+        yield from group_by_keys(files, handler=on_error)
+
+
+def _damage(url: str, stop: TarStopped, read: int, skim: bool = True) -> dict:
+    """What an early stop cost. A local shard is skimmed past the damage to count the samples
+    it still holds (exact unless the file is cut short); otherwise at least one is lost."""
+    lost, exact = 1, False
+    if skim and Path(url).is_file():
+        try:
+            total, complete = count_samples(url)
+        except OSError:
+            total, complete = read, False
+        exact = complete and not stop.truncated and total > read
+        lost = max(total - read, 1)
+    return {
+        "shard": url,
+        "after_samples": read,
+        "offset": stop.offset,
+        "cause": stop.cause,
+        "samples_lost": lost,
+        "exact": exact,
+    }
+
+
+def check_shard(url: str, image_key: str, text_key: str, max_pixels: int) -> dict:
+    """Counts for one shard: good samples, bad by reason (samples an unreadable part of the
+    shard cost count as `unreadable_shard`), image size bins, caption lengths, and where the
+    shard stopped early (`unreadable`, else None)."""
     bad: Counter = Counter()
     sizes: Counter = Counter()
     words: list[int] = []
-    good = 0
+    good = read = 0
+    unreadable = None
 
-    def on_error(exn: Exception) -> bool:
+    def on_error(exn: Exception) -> bool:  # as the training stream: counted, then skipped
         bad["unreadable_shard"] += 1
         return True
 
     rng = random.Random(0)
-    for raw in tarfile_samples([{"url": url}], handler=on_error):
-        try:
-            data = pick(raw, image_key)
-            if data is None:
-                raise BadSample("no_image")
-            image = decode_image(data, max_pixels)
-            caption = decode_caption(raw.get(text_key), rng)
-        except BadSample as e:
-            bad[e.reason] += 1
-            continue
-        good += 1
-        sizes[_size_bin(min(image.size))] += 1
-        words.append(len(caption.split()))
-    return {"good": good, "bad": dict(bad), "short_side": dict(sizes), "caption_words": words}
+    try:
+        for raw in _samples(url, on_error):
+            read += 1
+            try:
+                data = pick(raw, image_key)
+                if data is None:
+                    raise BadSample("no_image")
+                image = decode_image(data, max_pixels)
+                caption = decode_caption(raw.get(text_key), rng)
+            except BadSample as e:
+                bad[e.reason] += 1
+                continue
+            good += 1
+            sizes[_size_bin(min(image.size))] += 1
+            words.append(len(caption.split()))
+    except TarStopped as stop:
+        unreadable = _damage(url, stop, read)
+    except OSError as e:  # cannot open the shard at all (gone, no permission, pipe failed)
+        cause = f"cannot open it ({type(e).__name__}: {e.strerror or e})"
+        unreadable = _damage(url, TarStopped(0, cause, True), read, skim=False)
+    if unreadable is not None:
+        bad["unreadable_shard"] += unreadable["samples_lost"]
+    return {
+        "good": good,
+        "read": read,
+        "bad": dict(bad),
+        "short_side": dict(sizes),
+        "caption_words": words,
+        "unreadable": unreadable,
+    }
 
 
 def check_shards(
@@ -66,12 +130,19 @@ def check_shards(
     from tqdm import tqdm
 
     per_shard, bad, sizes, words = {}, Counter(), Counter(), []
+    bad_per_shard: Counter = Counter()
+    unreadable, empty = [], []
     for url in tqdm(urls, desc="check", unit="shard", disable=not progress):
         r = check_shard(url, image_key, text_key, max_pixels)
         per_shard[url] = r["good"]
         bad.update(r["bad"])
+        bad_per_shard[url] = sum(r["bad"].values())
         sizes.update(r["short_side"])
         words += r["caption_words"]
+        if r["unreadable"] is not None:
+            unreadable.append(r["unreadable"])
+        elif r["read"] == 0:
+            empty.append(url)
     written = _write_sizes(per_shard) if write_sizes else []
     words.sort()
     n = len(words)
@@ -80,6 +151,9 @@ def check_shards(
         "samples": sum(per_shard.values()),
         "bad_samples": sum(bad.values()),
         "bad_by_reason": dict(bad),
+        "worst_shards": [[url, k] for url, k in bad_per_shard.most_common(WORST_SHARDS) if k],
+        "unreadable_shards": unreadable,
+        "empty_shards": empty,
         "image_short_side": {
             k: sizes[k] for k in [f"<{e}" for e in SIZE_BINS] + [f">={SIZE_BINS[-1]}"] if k in sizes
         },
@@ -93,6 +167,41 @@ def check_shards(
         else {},
         "sizes_json": [str(p) for p in written],
     }
+
+
+def _damage_line(d: dict) -> str:
+    lost = f"{'' if d['exact'] else 'at least '}{d['samples_lost']} sample(s) lost"
+    return (
+        f"  unreadable: {d['shard']}: {d['cause']} at byte {d['offset']:,}, after "
+        f"{d['after_samples']} sample(s); the rest of the shard is unreadable ({lost})"
+    )
+
+
+def format_report(report: dict) -> str:
+    """The report as text: totals, bad samples by reason, unreadable and empty shards, the
+    shards with the most bad samples, image sizes and caption lengths."""
+    lines = [
+        f"{report['shards']} shard(s), {report['samples']} good samples, "
+        f"{report['bad_samples']} bad"
+    ]
+    lines += [f"  bad: {reason}: {n}" for reason, n in sorted(report["bad_by_reason"].items())]
+    lines += [_damage_line(d) for d in report["unreadable_shards"]]
+    lines += [f"  empty shard (no samples): {url}" for url in report["empty_shards"]]
+    if report["worst_shards"]:
+        worst = ", ".join(f"{Path(url).name} ({k})" for url, k in report["worst_shards"])
+        lines.append(f"  worst shards: {worst}")
+    lines.append(
+        "  image short side: "
+        + ", ".join(f"{k}: {v}" for k, v in report["image_short_side"].items())
+    )
+    if report["caption_words"]:
+        w = report["caption_words"]
+        lines.append(
+            f"  caption words: min {w['min']}, median {w['median']}, mean {w['mean']:.1f}, "
+            f"max {w['max']}"
+        )
+    lines += [f"  wrote {path}" for path in report["sizes_json"]]
+    return "\n".join(lines)
 
 
 def _write_sizes(per_shard: dict[str, int]) -> list[Path]:

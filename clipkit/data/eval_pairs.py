@@ -5,6 +5,7 @@ images are dropped by the collate and reported by name, as for the labelled sets
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,16 @@ import torch.utils.data
 from clipkit.data.eval_sets import (
     IMAGE_EXTS,
     WDS_IMAGE_KEYS,
+    DataReadError,
     DatasetLayoutError,
     fingerprint_files,
     iter_tar_samples,
     open_image,
     worker_share,
 )
+from clipkit.eval.results import folder_dataset_name, wds_dataset_name
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +38,7 @@ class PairedSet:
     num_samples: int | None
     kind: str  # "shards" | "folder"
     fingerprint: list = field(default_factory=list)
+    name: str = ""  # what results call it (`clipkit.eval.results.folder_dataset_name`)
 
 
 def split_captions(data: bytes | None) -> list[str]:
@@ -97,10 +103,13 @@ def paired_set(data: str | Path, transform: Callable, split: str = "test") -> Pa
     """Open captioned data: a .tar, a directory of *.tar (or DIR/{split}/*.tar, CLIP_benchmark's
     retrieval layout), or a folder tree of images with optional same-name .txt captions."""
     root = Path(data)
+    name = folder_dataset_name(root)
     if root.is_file() and root.suffix == ".tar":
         shards = [root]
     elif root.is_dir():
-        shards = sorted(root.glob("*.tar")) or sorted((root / split).glob("*.tar"))
+        shards = sorted(root.glob("*.tar"))
+        if not shards and (root / split).is_dir():  # CLIP_benchmark's retrieval layout
+            shards, name = sorted((root / split).glob("*.tar")), wds_dataset_name(root)
     else:
         raise DatasetLayoutError(f"data not found: {root}")
     if shards:
@@ -110,6 +119,7 @@ def paired_set(data: str | Path, transform: Callable, split: str = "test") -> Pa
             _shard_count(shards),
             "shards",
             fingerprint_files(shards),
+            name,
         )
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
@@ -118,7 +128,7 @@ def paired_set(data: str | Path, transform: Callable, split: str = "test") -> Pa
             "*.tar, or a folder of images with same-name .txt captions"
         )
     fp = fingerprint_files(files[:: max(1, len(files) // 64)]) + [len(files)]
-    return PairedSet(str(root), FolderPairs(root, files, transform), len(files), "folder", fp)
+    return PairedSet(str(root), FolderPairs(root, files, transform), len(files), "folder", fp, name)
 
 
 def read_image_bytes(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
@@ -134,8 +144,11 @@ def read_image_bytes(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], byt
         if not source.endswith(".tar"):
             found.update({(source, k): Path(source).read_bytes() for k in keys})
             continue
-        for key, fields in iter_tar_samples(source):
-            image = next((fields[k] for k in WDS_IMAGE_KEYS if k in fields), None)
-            if key in keys and image is not None:
-                found[(source, key)] = image
+        try:
+            for key, fields in iter_tar_samples(source):
+                image = next((fields[k] for k in WDS_IMAGE_KEYS if k in fields), None)
+                if key in keys and image is not None:
+                    found[(source, key)] = image
+        except DataReadError as e:  # damaged since it was indexed: show what could be read
+            log.warning("%s", e)
     return found

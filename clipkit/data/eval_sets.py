@@ -11,15 +11,18 @@ retrieval. Layouts follow what users already have:
 - `demo`: the built-in demo (`clipkit data demo`): DIR/zeroshot/{task} in the `wds` layout.
 
 Captioned sets for retrieval live in `clipkit.data.eval_pairs`. Images that cannot be decoded
-are skipped and counted (the loaders' collate drops them and reports their names), never
-silently: callers surface the count and the first names, and stop past a set fraction.
+(and `cls` labels that are not integers) are skipped and counted (the loaders' collate drops
+them and reports their names), never silently: callers surface the count and the first names,
+and stop past a set fraction. A tar shard that cannot be read to its end stops the evaluation
+with `DataReadError`. Class-name and template files are UTF-8, non-empty, and templates have no
+field but `{c}`. Results name the sets as CLIP_benchmark does (`clipkit.eval.results`).
 """
 
 from __future__ import annotations
 
 import io
 import re
-import tarfile
+import string
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +33,8 @@ import torch.utils.data
 from PIL import Image
 
 from clipkit.config import ConfigError
+from clipkit.data.tarscan import TarStopped, read_members, sample_key
+from clipkit.eval.results import folder_dataset_name, wds_dataset_name
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
@@ -51,6 +56,19 @@ _SYNSET = re.compile(r"^n\d{8}$")
 
 class DatasetLayoutError(ConfigError):
     """A data root that does not have the expected layout (a user error: exit 2)."""
+
+
+class DataReadError(DatasetLayoutError):
+    """Data that cannot be read to its end (a damaged tar shard).
+
+    Raised in a DataLoader worker, it reaches the main process as `DataReadError(text)` where
+    the text is torch's "Caught ... Original Traceback ..." report; only the original message
+    (its last line) is kept, so the command still ends with one line."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
+        super().__init__(message)
 
 
 @dataclass
@@ -96,22 +114,29 @@ class FolderImages(torch.utils.data.Dataset):
 
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of a tar; members of one sample are consecutive and share
-    the name up to the first dot of the basename (webdataset's convention)."""
-    key, fields = None, {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            if "." not in base or base.startswith("."):
-                continue
-            prefix = member.name[: len(member.name) - len(base)]
-            stem, ext = base.split(".", 1)
-            if prefix + stem != key:
-                if key is not None:
-                    yield key, fields
-                key, fields = prefix + stem, {}
-            fields[ext.lower()] = tar.extractfile(member).read()
+    the name up to the first dot of the basename (webdataset's convention).
+
+    A shard that stops before its end raises `DataReadError`: scoring part of a test set
+    without a word would report numbers on data nobody chose."""
+    key, fields, done = None, {}, 0
+    try:
+        with open(path, "rb") as f:
+            for name, data in read_members(f):
+                new = sample_key(name)
+                if new is None:
+                    continue
+                if new != key:
+                    if key is not None:
+                        yield key, fields
+                        done += 1
+                    key, fields = new, {}
+                fields[name.rpartition("/")[2].split(".", 1)[1].lower()] = data
+    except TarStopped as stop:
+        raise DataReadError(
+            f"{path} is damaged: {stop}, after {done} sample(s); re-download or repair the shard"
+        ) from None
+    except OSError as e:
+        raise DataReadError(f"{path}: cannot read it ({e.strerror or e})") from None
     if key is not None:
         yield key, fields
 
@@ -133,10 +158,20 @@ class TarImages(torch.utils.data.IterableDataset):
             for key, fields in iter_tar_samples(shard):
                 if "cls" not in fields:
                     continue
+                name = f"{Path(shard).name}/{key}"
+                label = _label(fields["cls"])
+                if label is None:  # skipped and counted like an unreadable image
+                    yield None, -1, f"{name} (its cls is not an integer)"
+                    continue
                 image = next((fields[k] for k in WDS_IMAGE_KEYS if k in fields), None)
-                label = int(fields["cls"].decode().strip())
                 decoded = open_image(image, self.transform) if image is not None else None
-                yield decoded, label, f"{Path(shard).name}/{key}"
+                yield decoded, label, name
+
+
+def _label(cls: bytes) -> int | None:
+    """A `cls` member's class index (ASCII digits), None when it holds anything else."""
+    text = cls.decode("ascii", errors="replace").strip()
+    return int(text) if text.isdecimal() and text.isascii() else None
 
 
 def collate_labelled(samples: list) -> dict:
@@ -158,10 +193,20 @@ def fingerprint_files(paths: list[Path]) -> list:
     return out
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: Path, what: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file of `what` (e.g. "class names"); at least one."""
     if not path.is_file():
-        raise DatasetLayoutError(f"file not found: {path}")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise DatasetLayoutError(f"{what} file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetLayoutError(
+            f"{what} file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DatasetLayoutError(f"{what} file {path} is empty; put one entry per line")
+    return lines
 
 
 def _normalise_templates(templates) -> list[str]:
@@ -205,7 +250,7 @@ def _imagenet(root: Path, split: str, transform) -> ClassificationSet:
     dirs = [p for p in _class_dirs(base) if _SYNSET.match(p.name)]
     items = _folder_items(base, dirs)
     return ClassificationSet(
-        "imagenet",
+        "imagenet1k",  # CLIP_benchmark's name
         str(base),
         split,
         FolderImages(items, transform),
@@ -232,7 +277,7 @@ def _folder(root: Path, split: str, transform, templates_file, classnames_file, 
     items = _folder_items(base, dirs)
     names_file = Path(classnames_file) if classnames_file else root / "classnames.txt"
     if classnames_file or names_file.is_file():
-        classnames = read_lines(names_file)
+        classnames = read_lines(names_file, "class names")
         if len(classnames) != len(dirs):
             raise DatasetLayoutError(
                 f"{names_file} has {len(classnames)} names but {base} has {len(dirs)} class folders"
@@ -242,7 +287,7 @@ def _folder(root: Path, split: str, transform, templates_file, classnames_file, 
     templates = _templates(root, templates_file, DEFAULT_TEMPLATES)
     fp = fingerprint_files([Path(p) for p, _ in items[:: max(1, len(items) // 64)]]) + [len(items)]
     return ClassificationSet(
-        "folder",
+        folder_dataset_name(root),
         str(base),
         split,
         FolderImages(items, transform),
@@ -255,32 +300,52 @@ def _folder(root: Path, split: str, transform, templates_file, classnames_file, 
 
 def _templates(root: Path, templates_file, default) -> list[str]:
     if templates_file:
-        templates = read_lines(Path(templates_file))
+        templates = read_lines(Path(templates_file), "templates")
     elif (root / "zeroshot_classification_templates.txt").is_file():
-        templates = read_lines(root / "zeroshot_classification_templates.txt")
+        templates = read_lines(root / "zeroshot_classification_templates.txt", "templates")
     else:
         templates = list(default)
-    bad = [t for t in templates if "{c}" not in t]
-    if bad:
-        raise DatasetLayoutError(f"template {bad[0]!r} has no '{{c}}' placeholder for the class")
+    for template in templates:
+        check_template(template)
     return templates
 
 
-def _wds(root: Path, split: str, transform, templates_file, classnames_file, name="wds"):
+def check_template(template: str) -> None:
+    """A prompt template formats with the class name alone: its one kind of field is `{c}`
+    (literal braces are doubled). Anything else would fail, or leak, at `str.format` time."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise DatasetLayoutError(
+            f"template {template!r} is not a format string ({e}); write literal braces as {{{{ }}}}"
+        ) from None
+    other = [f for f in fields if f != "c"]
+    if other:
+        raise DatasetLayoutError(
+            f"template {template!r} has the field {{{other[0]}}}; the only field is {{c}}, the "
+            "class name"
+        )
+    if not fields:
+        raise DatasetLayoutError(f"template {template!r} has no '{{c}}' placeholder for the class")
+
+
+def _wds(root: Path, split: str, transform, templates_file, classnames_file, name=None):
     shards = sorted((root / split).glob("*.tar")) if (root / split).is_dir() else []
     names_file = Path(classnames_file) if classnames_file else root / "classnames.txt"
-    if not shards or not names_file.is_file():
+    if not shards or not (classnames_file or names_file.is_file()):
+        names = "" if classnames_file else f" and {names_file}"
         raise DatasetLayoutError(
             f"{root}: expected CLIP_benchmark's WebDataset layout: {root}/{split}/*.tar (cls + "
-            f"webp|png|jpg members) and {root}/classnames.txt"
+            f"webp|png|jpg members){names}"
         )
+    classnames = read_lines(names_file, "class names")  # a missing --classnames file named as is
     templates = _templates(root, templates_file, DEFAULT_TEMPLATES)
     return ClassificationSet(
-        name,
+        name or wds_dataset_name(root),
         str(root),
         split,
         TarImages([str(s) for s in shards], transform),
-        read_lines(names_file),
+        classnames,
         templates,
         None,
         fingerprint_files(shards),

@@ -72,10 +72,14 @@ def progress(loader: Iterable, total_samples: int | None, batch_size: int, desc:
     return tqdm(loader, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def check_skipped(skipped: SkipCounter, seen: int, max_bad_fraction: float) -> None:
+def check_skipped(
+    skipped: SkipCounter, seen: int, max_bad_fraction: float, where: str = "the data"
+) -> None:
     """Warn about skipped images; stop when none were usable or too many were bad."""
     from clipkit.config import ConfigError
 
+    if seen == 0 and skipped.count == 0:  # e.g. valid but empty tar shards
+        raise ConfigError(f"no samples found in {where}; check the data root and split")
     if skipped.count == 0:
         return
     total = seen + skipped.count

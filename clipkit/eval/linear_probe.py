@@ -37,7 +37,8 @@ def extract_features(
         if batch["image"] is not None:
             feats.append(encode_images(loaded.model, batch["image"], device))
             labels.append(batch["label"])
-    check_skipped(skipped, sum(len(y) for y in labels), max_bad_fraction)
+    where = f"{data.root} ({data.split})"
+    check_skipped(skipped, sum(len(y) for y in labels), max_bad_fraction, where)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from clipkit.eval.metrics import classification_metrics
 from clipkit.fileio import atomic_write_bytes
 
+log = logging.getLogger(__name__)
 DEFAULT_WD_GRID = tuple(float(w) for w in np.logspace(-6, 0, 7))
 _METRICS = ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")
 
@@ -242,6 +245,21 @@ def cache_key(key_parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(features, labels) of a cache entry, or None (logged) when it is damaged: truncated,
+    not an .npz, or not an (N, D) / (N,) pair. The caller recomputes and replaces it."""
+    try:
+        with np.load(path) as f:
+            x, y = f["x"], f["y"]
+        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"shapes {x.shape} and {y.shape} do not pair up")
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        # The type alone: numpy's text for a non-.npz file advises loading pickles.
+        log.warning("feature cache %s is damaged (%s); recomputing it", path, type(e).__name__)
+        return None
+    return x, y
+
+
 def cached_features(
     cache_dir: str | os.PathLike,
     key_parts: dict[str, Any],
@@ -251,13 +269,14 @@ def cached_features(
 
     `key_parts` should name everything the features depend on (checkpoint sha256, dataset and
     split, transform, model tower); the file is written to a temp name and renamed, so a crash
-    never leaves a partial cache entry.
+    never leaves a partial cache entry, and an entry damaged otherwise is recomputed.
     """
     key = cache_key(key_parts)
     path = Path(cache_dir) / f"features-{key}.npz"
     if path.is_file():
-        with np.load(path) as f:
-            return f["x"], f["y"]
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
     x, y = (_numpy(a) for a in compute_fn())
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

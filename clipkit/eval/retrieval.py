@@ -78,7 +78,7 @@ def embed_pairs(
         keys += batch["key"]
         captions += batch["captions"]
         sources += batch["source"]
-    check_skipped(skipped, len(keys), max_bad_fraction)
+    check_skipped(skipped, len(keys), max_bad_fraction, data.root)
     if not keys:
         raise ConfigError(f"{data.root}: no images found")
     dim = images[0].shape[1]
@@ -245,7 +245,60 @@ class IndexDir:
     report: dict
 
 
+class IndexDirError(ConfigError):
+    """An index directory with missing or damaged files (a user error: exit 2)."""
+
+
+def _damaged(path: Path, what: str) -> IndexDirError:
+    """`what` is wrong with the file `path` of an index directory, and how to get a good one."""
+    return IndexDirError(
+        f"{path} {what}; rebuild the index with `clipkit retrieve index ... --out "
+        f"{path.parent} --overwrite`"
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, f"is not readable JSON ({type(e).__name__})") from None
+
+
+def _read_metadata(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _damaged(path, f"cannot be read ({type(e).__name__})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "key" not in row:
+            raise _damaged(path, f"line {number} is not a metadata record (truncated?)")
+        rows.append(row)
+    return rows
+
+
+def _check_model_info(info: Any, path: Path) -> dict:
+    """model.json must say how to load the model again and what it embeds into."""
+    ok = (
+        isinstance(info, dict)
+        and (info.get("checkpoint") or info.get("model"))
+        and "sha256" in info
+        and isinstance(info.get("embed_dim"), int)
+    )
+    if not ok:
+        raise _damaged(path, "lacks checkpoint / model, sha256 or embed_dim")
+    return info
+
+
 def open_index_dir(path: str | Path) -> IndexDir:
+    """Open an index directory, checking that its files are readable and agree with each
+    other (rows = metadata lines, dimension = the model's); any fault is an `IndexDirError`."""
     from clipkit import index as faiss_index
 
     path = Path(path)
@@ -255,15 +308,29 @@ def open_index_dir(path: str | Path) -> IndexDir:
             f"{path} is not a clipkit index directory (expected {', '.join(needed)}; build one "
             "with `clipkit retrieve index`)"
         )
-    lines = (path / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
-    report_file = path / "report.json"
-    return IndexDir(
-        path,
-        faiss_index.load_index(path / "image.index"),
-        [json.loads(line) for line in lines if line.strip()],
-        json.loads((path / "model.json").read_text()),
-        json.loads(report_file.read_text()) if report_file.is_file() else {},
-    )
+    model_info = _check_model_info(_read_json(path / "model.json"), path / "model.json")
+    metadata = _read_metadata(path / "metadata.jsonl")
+    try:
+        index = faiss_index.load_index(path / "image.index")
+    except faiss_index.IndexFileError as e:
+        reason = str(e).partition(" is ")[2]  # the message starts with the file's path
+        raise _damaged(path / "image.index", f"is {reason}") from None
+    if index.ntotal != len(metadata):
+        raise _damaged(
+            path / "metadata.jsonl", f"has {len(metadata)} rows but the index holds {index.ntotal}"
+        )
+    if index.d != model_info["embed_dim"]:
+        raise _damaged(
+            path / "image.index",
+            f"holds {index.d}-dim vectors but model.json says {model_info['embed_dim']}",
+        )
+    report = {}
+    if (path / "report.json").is_file():  # informative only: a damaged one does not block search
+        try:
+            report = _read_json(path / "report.json")
+        except IndexDirError as e:
+            log.warning("%s", e)
+    return IndexDir(path, index, metadata, model_info, report)
 
 
 def search_index_dir(idx: IndexDir, query: np.ndarray, k: int) -> list[dict[str, Any]]:

@@ -37,7 +37,9 @@ def zero_shot_classifier(
 
 
 @torch.no_grad()
-def image_logits(model, classifier, loader, device, total, batch_size, max_bad_fraction):
+def image_logits(
+    model, classifier, loader, device, total, batch_size, max_bad_fraction, where="the data"
+):
     """(N, C) logits (100 x cosine, as CLIP_benchmark) and (N,) targets over the whole loader."""
     logits, targets, skipped = [], [], SkipCounter()
     for batch in progress(loader, total, batch_size, "images"):
@@ -48,7 +50,7 @@ def image_logits(model, classifier, loader, device, total, batch_size, max_bad_f
         logits.append(100.0 * features @ classifier)
         targets.append(batch["label"])
     n = sum(len(t) for t in targets)
-    check_skipped(skipped, n, max_bad_fraction)
+    check_skipped(skipped, n, max_bad_fraction, where)
     return torch.cat(logits), torch.cat(targets), skipped
 
 
@@ -70,7 +72,14 @@ def run_zero_shot(
     )
     loader = make_loader(data.dataset, batch_size, workers, collate_labelled)
     logits, targets, skipped = image_logits(
-        loaded.model, classifier, loader, device, data.num_samples, batch_size, max_bad_fraction
+        loaded.model,
+        classifier,
+        loader,
+        device,
+        data.num_samples,
+        batch_size,
+        max_bad_fraction,
+        where=f"{data.root} ({data.split})",
     )
     if int(targets.max()) >= len(data.classnames) or int(targets.min()) < 0:
         raise ConfigError(
