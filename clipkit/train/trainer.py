@@ -29,6 +29,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too much bad data, repeated non-finite loss); a clear message."""
 
 
+class _StopWaiting(BaseException):
+    """Raised by the signal handler out of a wait for data. A BaseException, so that no
+    `except Exception` in the data code (decoders, webdataset's handlers) can swallow it."""
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -62,6 +67,7 @@ class Trainer:
         self.runlog = RunLog(run_dir, dist.is_main)
         self.runlog.truncate_after(state.step)
         self.stop_requested: str | None = None
+        self.waiting_for_data = False
         self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps
 
     # -- setup ---------------------------------------------------------------------------------
@@ -93,6 +99,10 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = signal.Signals(signum).name
+        # Waiting for a step's first batch, no step is in progress: stop now, as the batch may
+        # never come. Under DDP the ranks must stop together: they agree after a step.
+        if self.waiting_for_data and not self.dist.enabled:
+            raise _StopWaiting
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -100,10 +110,15 @@ class Trainer:
         batches = iter(self.loader)
         progress = self._progress()
         window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+        saved_step = self.state.step  # a resumed run's checkpoint; at step 0 there is none
         try:
             while self.state.step < self.total_steps:
                 t_step = time.perf_counter()
-                parts, wait = self._train_step(batches)
+                try:
+                    parts, wait = self._train_step(batches)
+                except _StopWaiting:  # before the step's first batch: nothing of it is done
+                    log.info("stopped by %s while waiting for data", self.stop_requested)
+                    break
                 self.state.train_seconds += time.perf_counter() - t_step
                 window["wait"] += wait
                 window["samples"] += self.global_batch
@@ -118,9 +133,11 @@ class Trainer:
                     and self.state.step < self.total_steps
                 ):
                     self.save()
+                    saved_step = self.state.step
                 if self._agree_to_stop():
                     break
-            self.save()
+            if self.state.step > saved_step:
+                self.save()
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -139,7 +156,7 @@ class Trainer:
         accum = cfg.optim.accum_steps
         for micro in range(accum):
             t0 = time.perf_counter()
-            batch = self._next_batch(batches)
+            batch = self._next_batch(batches, interruptible=micro == 0)
             wait += time.perf_counter() - t0
             self._account_data(batch)
             batch = self._to_device(batch)
@@ -161,7 +178,8 @@ class Trainer:
         self._clamp_logit_scale()
         return parts_sum, wait
 
-    def _next_batch(self, batches) -> dict:
+    def _next_batch(self, batches, interruptible: bool) -> dict:
+        self.waiting_for_data = interruptible
         try:
             return next(batches)
         except RuntimeError as e:
@@ -177,6 +195,8 @@ class Trainer:
                 f"rank {self.dist.rank} (epoch {epoch}, shards {names}); check those shards "
                 "(`clipkit data check`) or raise --stall-timeout"
             ) from None
+        finally:
+            self.waiting_for_data = False
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Skip the update on a non-finite loss; stop after several in a row."""
