@@ -115,7 +115,9 @@ FLAGS = [
         "--max-bad-fraction",
         "data.max_bad_fraction",
         float,
-        "Stop when more than this share of samples is unusable (default 0.01).",
+        "Stop when more than this share of samples is unusable (default 0.01). A data worker "
+        "that reads 1000 unusable samples in a row also stops the run (no batch could form); "
+        "1 turns both off.",
     ),
     (
         "--max-pixels",
@@ -265,6 +267,9 @@ def _report(summary: dict) -> None:
     from clipkit.distributed import env_info
 
     if not env_info().is_main:
+        return
+    if summary.get("stopped_by") and summary["step"] == 0:  # stopped while waiting for data
+        click.echo(f"stopped by {summary['stopped_by']} before the first step: no checkpoint.")
         return
     if summary.get("stopped_by"):
         click.echo(

@@ -12,11 +12,13 @@ from PIL import Image
 
 
 class BadSample(Exception):
-    """A sample that cannot be used; `reason` is a short, stable name for counting."""
+    """A sample that cannot be used; `reason` is a short, stable name for counting, `detail` a
+    phrase for messages (which key was missing, what the sample held)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail or reason
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -34,16 +36,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise BadSample("empty_image")
+    too_big = BadSample("too_many_pixels", f"image over --max-pixels {max_pixels}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # PIL warns past its own limit; ours decides
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
-                raise BadSample("too_many_pixels")
+                raise too_big
             img.load()
             return _to_rgb(img)
     except BadSample:
         raise
+    except Image.DecompressionBombError:  # over twice PIL's limit: refused before our check
+        raise too_big from None
     except Exception:  # PIL raises many types for corrupt data
         raise BadSample("undecodable_image") from None
 
@@ -60,6 +65,16 @@ def decode_caption(data: bytes | None, rng: random.Random) -> str:
     if not lines:
         raise BadSample("empty_caption")
     return lines[0] if len(lines) == 1 else rng.choice(lines)
+
+
+def member(sample: dict, keys: str, reason: str, what: str) -> bytes:
+    """The member `pick` finds, or BadSample(reason) naming the keys looked for and those found
+    (a --text-key or --image-key typo then reads plainly in the error)."""
+    data = pick(sample, keys)
+    if data is None:
+        found = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
+        raise BadSample(reason, f"no {what} under key '{keys}'; found keys: {found}")
+    return data
 
 
 def pick(sample: dict, keys: str) -> bytes | None:

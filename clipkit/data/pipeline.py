@@ -127,6 +127,7 @@ def build_loader(
         image_key=cfg.image_key,
         text_key=cfg.text_key,
         max_pixels=cfg.max_pixels,
+        max_bad_fraction=cfg.max_bad_fraction,
         start=dict(position.workers),
         worker_offset=position.batches % workers,
     )

@@ -29,6 +29,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too much bad data, repeated non-finite loss); a clear message."""
 
 
+class _StopWaiting(BaseException):
+    """Raised by the signal handler out of a wait for data. A BaseException, so that no
+    `except Exception` in the data code (decoders, webdataset's handlers) can swallow it."""
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -63,6 +68,7 @@ class Trainer:
         self.runlog.truncate_after(state.step)
         self.stop_requested: str | None = None
         self.saved_step: int | None = state.step or None  # step of the newest checkpoint on disk
+        self.waiting_for_data = False
         self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps
 
     # -- setup ---------------------------------------------------------------------------------
@@ -94,6 +100,10 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = signal.Signals(signum).name
+        # Waiting for a step's first batch, no step is in progress: stop now, as the batch may
+        # never come. Under DDP the ranks must stop together: they agree after a step.
+        if self.waiting_for_data and not self.dist.enabled:
+            raise _StopWaiting
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -104,7 +114,11 @@ class Trainer:
         try:
             while self.state.step < self.total_steps:
                 t_step = time.perf_counter()
-                parts, wait = self._train_step(batches)
+                try:
+                    parts, wait = self._train_step(batches)
+                except _StopWaiting:  # before the step's first batch: nothing of it is done
+                    log.info("stopped by %s while waiting for data", self.stop_requested)
+                    break
                 self.state.train_seconds += time.perf_counter() - t_step
                 window["wait"] += wait
                 window["samples"] += self.global_batch
@@ -121,7 +135,8 @@ class Trainer:
                     self.save()
                 if self._agree_to_stop():
                     break
-            self.save()
+            if self.state.step > (self.saved_step or 0):  # steps trained since the last save
+                self.save()
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -140,7 +155,7 @@ class Trainer:
         accum = cfg.optim.accum_steps
         for micro in range(accum):
             t0 = time.perf_counter()
-            batch = self._next_batch(batches)
+            batch = self._next_batch(batches, interruptible=micro == 0)
             wait += time.perf_counter() - t0
             self._account_data(batch)
             batch = self._to_device(batch)
@@ -162,7 +177,8 @@ class Trainer:
         self._clamp_logit_scale()
         return parts_sum, wait
 
-    def _next_batch(self, batches) -> dict:
+    def _next_batch(self, batches, interruptible: bool) -> dict:
+        self.waiting_for_data = interruptible
         try:
             return next(batches)
         except RuntimeError as e:
@@ -178,6 +194,8 @@ class Trainer:
                 f"rank {self.dist.rank} (epoch {epoch}, shards {names}); check those shards "
                 "(`clipkit data check`) or raise --stall-timeout"
             ) from None
+        finally:
+            self.waiting_for_data = False
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Skip the update on a non-finite loss; stop after several in a row."""
