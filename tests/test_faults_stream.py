@@ -126,7 +126,7 @@ NO_USABLE = {
     "corrupt-second-header": (
         "corrupt",
         [],
-        ["100% no_caption", "no caption under key 'txt'", "found keys: jpg"],
+        ["100% unreadable_shard", "a.tar"],
     ),
     "zero-members": ("empty", [], ["100% empty_shard", "a.tar yielded no samples"]),
     "zero-members-resampled": ("empty", ["--resampled"], ["100% empty_shard"]),

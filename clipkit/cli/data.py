@@ -20,7 +20,13 @@ def data():
     help="Folder to write (train/, eval/, zeroshot/): new, empty, or an earlier demo output "
     "(replaced); any other folder is refused, so a user's own shards are never deleted.",
 )
-@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option(
+    "--seed",
+    default=0,
+    type=click.IntRange(min=0),
+    show_default=True,
+    help="Same seed, same bytes.",
+)
 @click.option("--train-samples", default=5000, show_default=True, help="Training pairs.")
 @click.option(
     "--eval-samples",

@@ -356,6 +356,7 @@ def probe(
     from clipkit.data.eval_sets import classification_set
     from clipkit.eval.linear_probe import default_cache_dir, run_probe
     from clipkit.eval.results import table
+    from clipkit.fileio import check_writable
 
     check_output(output, checkpoint, model, pretrained, data_root, templates, classnames)
     loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
@@ -401,6 +402,8 @@ def probe(
         write_output(output, result)
         return
     cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
+    if cache is not None:
+        run_guarded(check_writable, cache / "features.npz")  # a cache dir under a file...
     try:
         result = run_guarded(
             run_probe,

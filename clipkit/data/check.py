@@ -11,11 +11,10 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
-from clipkit.data.tarscan import TarStopped, count_samples, read_members
+from clipkit.data.tarscan import TarStopped, count_samples, shard_samples
 from clipkit.fileio import OutputError, write_output_file
 
 log = logging.getLogger(__name__)
@@ -29,25 +28,6 @@ def _size_bin(side: int) -> str:
         if side < edge:
             return f"<{edge}"
     return f">={SIZE_BINS[-1]}"
-
-
-def _samples(url: str, on_error) -> Iterator[dict]:
-    """Raw samples of one shard, grouped as the training stream groups them (webdataset's
-    `group_by_keys`); raises `TarStopped` where the archive stops before its end. The sample
-    being read when it stops is never yielded: it may lack members."""
-    import contextlib
-    import re
-
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys
-
-    with contextlib.closing(gopen(url)) as stream:
-        files = (
-            {"fname": name, "data": data, "__url__": url}
-            for name, data in read_members(stream)
-            if not re.match(r"__[^/]*__($|/)", name)  # webdataset's metadata members
-        )
-        yield from group_by_keys(files, handler=on_error)
 
 
 def _damage(url: str, stop: TarStopped, read: int, skim: bool = True) -> dict:
@@ -87,7 +67,7 @@ def check_shard(url: str, image_key: str, text_key: str, max_pixels: int) -> dic
 
     rng = random.Random(0)
     try:
-        for raw in _samples(url, on_error):
+        for raw in shard_samples(url, on_error):
             read += 1
             try:
                 data = pick(raw, image_key)

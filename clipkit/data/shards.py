@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.config import ConfigError
 from clipkit.data.decode import BadSample, decode_caption, decode_image, member
+from clipkit.data.tarscan import TarStopped, shard_samples
 
 _MASK64 = (1 << 64) - 1
 
@@ -92,6 +93,16 @@ def _count_error(counter: Counter) -> Callable[[Exception], bool]:
         return True  # skip and go on, counted
 
     return handler
+
+
+def _shard_or_count(url: str, bad: Counter) -> Iterator[dict]:
+    """The samples of one shard; a shard that cannot be opened, or stops before its end (a
+    corrupt header, a truncated file), counts once as `unreadable_shard` and the stream goes
+    on with the next one."""
+    try:
+        yield from shard_samples(url, _count_error(bad))
+    except (TarStopped, OSError, ValueError):  # damaged, or opening failed (missing, pipe)
+        bad["unreadable_shard"] += 1
 
 
 def _names(urls) -> str:
@@ -174,8 +185,6 @@ class ShardStream(IterableDataset):
     def _raw(
         self, epoch: int, stream_id: int, n_streams: int, bad: Counter, watch: _Starvation
     ) -> Iterator[dict]:
-        from webdataset.tariterators import tarfile_samples
-
         # The shards a pass may read (without resampling every pass reads the same share), and
         # those not yet read by the passes in a row that yielded nothing: once none is left, no
         # pass ever will yield.
@@ -189,9 +198,10 @@ class ShardStream(IterableDataset):
             shards = self._shards(epoch, stream_id, n_streams, rep)
             before = bad["unreadable_shard"]
             got = 0
-            for sample in tarfile_samples(({"url": u} for u in shards), handler=_count_error(bad)):
-                got += 1
-                yield sample
+            for url in shards:
+                for sample in _shard_or_count(url, bad):
+                    got += 1
+                    yield sample
             if got:
                 unread, errors = set(readable), 0
             else:

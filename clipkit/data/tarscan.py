@@ -10,6 +10,8 @@ to count how many samples the damage cost.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -107,3 +109,21 @@ def count_samples(path: str) -> tuple[int, bool]:
             error = getattr(tar, "header_error", None)
             complete = not isinstance(error, tarfile.TruncatedHeaderError)
     return count, complete
+
+
+def shard_samples(url: str, on_error) -> Iterator[dict]:
+    """Raw samples of one shard (anything webdataset opens: a path, `pipe:`, `http`), grouped by
+    key as webdataset groups them; raises `TarStopped` where the archive stops before its end.
+    The sample being read when it stops is never yielded: it may lack members. Training and
+    `data check` both read shards through here, so they see the same samples and the same
+    damage."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys
+
+    with contextlib.closing(gopen(url)) as stream:
+        files = (
+            {"fname": name, "data": data, "__url__": url}
+            for name, data in read_members(stream)
+            if not re.match(r"__[^/]*__($|/)", name)  # webdataset's metadata members
+        )
+        yield from group_by_keys(files, handler=on_error)

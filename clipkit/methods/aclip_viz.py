@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from clipkit.config import ConfigError, DataConfig
+from clipkit.data.tarscan import TarStopped, shard_samples
 from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD
 from clipkit.fileio import guard_output_file, write_output_file
 
@@ -141,24 +142,34 @@ def load_aclip_method(checkpoint_path: str | Path, weights: str = "ema", device:
     return method.to(device).eval(), cfg
 
 
+def _raw_samples(urls: list[str]):
+    """Every readable sample of the shards in order; damaged shards are skipped (as training
+    skips them), so a picture is drawn from whatever is usable."""
+    for url in urls:
+        try:
+            yield from shard_samples(url, lambda exn: True)
+        except (TarStopped, OSError, ValueError):  # damaged, or cannot be opened
+            continue
+
+
 def read_batch(
     data: str, arch: dict, views, tokenizer, n: int, seed: int, keys: DataConfig | None = None
 ) -> dict:
     """The first `n` usable samples of the shards `data` (in shard order), transformed into the
     method's views with the augmentation RNG seeded by `seed`, collated like training batches.
     `keys`: the run's data config (image/text member names, pixel guard); default: defaults."""
-    import webdataset as wds
-
     from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
     from clipkit.data.pipeline import Collate, SampleTransform
-    from clipkit.data.sources import expand_sources
+    from clipkit.data.sources import expand_sources, preflight
 
     keys = keys or DataConfig()
     transform = SampleTransform(arch, views)
     rng = random.Random(seed)
     torch.manual_seed(seed)  # the views' crops and colour draws come from torch's global RNG
     samples: list[dict] = []
-    for raw in wds.WebDataset(expand_sources(data), shardshuffle=False, empty_check=False):
+    urls = expand_sources(data)
+    preflight(urls, ranks=1, workers=1, resampled=False)  # missing or non-tar shards: one line
+    for raw in _raw_samples(urls):
         try:
             image = decode_image(pick(raw, keys.image_key) or b"", keys.max_pixels)
             caption = decode_caption(raw.get(keys.text_key), rng)
