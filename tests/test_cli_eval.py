@@ -6,23 +6,8 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_util import run, user_error
 from PIL import Image
-
-from clipkit.cli.main import cli
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def user_error(*args) -> str:
-    code, out, err = run(*args)
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2, (code, out, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

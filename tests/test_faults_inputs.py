@@ -10,25 +10,7 @@ import shutil
 import tarfile
 
 import pytest
-from click.testing import CliRunner
-
-from clipkit.cli.main import cli
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    assert "Traceback" not in result.stdout + result.stderr
-    return result
-
-
-def user_error(*args) -> str:
-    """The one `error:` line of a command that must fail with exit code 2."""
-    result = invoke(*args)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2, (args, result.exit_code, result.output)
-    assert len(errors) == 1, result.stderr
-    return errors[0]
+from cli_util import invoke, user_error
 
 
 def warned(*args) -> str:

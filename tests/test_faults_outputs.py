@@ -15,29 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_util import run, user_error
 
 from clipkit import checkpoint
-from clipkit.cli.main import cli
 
 SMALL_DEMO = [
     "--train-samples", 20, "--eval-samples", 10, "--probe-train-samples", 10,
     "--image-size", 16, "--shard-size", 10,
 ]  # fmt: skip
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def user_error(*args) -> str:
-    code, out, err = run(*args)
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2, (code, out, err)
-    assert len(lines) == 1 and "Traceback" not in err + out, err
-    assert "weights_only" not in err, err  # never torch's advice to turn the safe load off
-    return lines[0]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
