@@ -81,6 +81,22 @@ class DatasetChoice:
         """Files and folders the results file must not overwrite."""
         return [self.data_root, self.templates, self.classnames]
 
+    def load(self, split: str, preprocess, strict_split: bool = False):
+        """Open one split (a ClassificationSet); a bad layout or file is a one-line error."""
+        from clipkit.data.eval_sets import classification_set
+
+        return run_guarded(
+            classification_set,
+            self.dataset,
+            self.data_root,
+            split,
+            preprocess,
+            task=self.task,
+            templates_file=self.templates,
+            classnames_file=self.classnames,
+            strict_split=strict_split,
+        )
+
 
 def loader_options() -> list:
     """--batch-size, --workers, --device, --max-bad-fraction (evaluation and retrieval)."""

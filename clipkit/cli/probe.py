@@ -170,7 +170,10 @@ def probe(train_split, test_split, seed, probe_method, output, **kwargs):
     vqt = pick(VQTSettings, kwargs, prefix="vqt_")
     check_output(output, source, *chosen.local_inputs())
     loaded, dev = load_for_eval(source, loader.device)
-    sets = [_classification_set(chosen, split, loaded) for split in (train_split, test_split)]
+    sets = [
+        chosen.load(split, loaded.preprocess, strict_split=True)
+        for split in (train_split, test_split)
+    ]
     if probe_method == "vqt":
         if linear.shots is not None:
             fail("--shots is not supported with --method vqt")
@@ -179,22 +182,6 @@ def probe(train_split, test_split, seed, probe_method, output, **kwargs):
         result, title = _run_linear(loaded, sets, dev, linear, loader, seed)
     echo_metrics(result, title)
     write_output(output, result)
-
-
-def _classification_set(chosen: DatasetChoice, split: str, loaded):
-    from clipkit.data.eval_sets import classification_set
-
-    return run_guarded(
-        classification_set,
-        chosen.dataset,
-        chosen.data_root,
-        split,
-        loaded.preprocess,
-        task=chosen.task,
-        templates_file=chosen.templates,
-        classnames_file=chosen.classnames,
-        strict_split=True,
-    )
 
 
 def _run_vqt(loaded, sets, dev, vqt: VQTSettings, loader: LoaderSettings, seed: int):

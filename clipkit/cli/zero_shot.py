@@ -34,7 +34,6 @@ def zero_shot(split, output, **kwargs):
       clipkit zero-shot imagenet --data-root /data/imagenet --model ViT-B-32 --pretrained w.pt
       clipkit zero-shot wds --data-root /data/wds_cifar10 --checkpoint runs/x -o cifar10.json
     """
-    from clipkit.data.eval_sets import classification_set
     from clipkit.eval.zero_shot import run_zero_shot
 
     chosen = pick(DatasetChoice, kwargs)
@@ -42,16 +41,7 @@ def zero_shot(split, output, **kwargs):
     loader = pick(LoaderSettings, kwargs)
     check_output(output, source, *chosen.local_inputs())
     loaded, dev = load_for_eval(source, loader.device)
-    data = run_guarded(
-        classification_set,
-        chosen.dataset,
-        chosen.data_root,
-        split,
-        loaded.preprocess,
-        task=chosen.task,
-        templates_file=chosen.templates,
-        classnames_file=chosen.classnames,
-    )
+    data = chosen.load(split, loaded.preprocess)
     result = run_guarded(
         run_zero_shot,
         loaded,
