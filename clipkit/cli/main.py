@@ -19,7 +19,7 @@ COMMANDS = {
         "Train CLIP / MS-CLIP / A-CLIP / FLIP on WebDataset shards.",
     ),
     "zero-shot": (
-        "clipkit.cli.evaluate",
+        "clipkit.cli.zero_shot",
         "zero_shot",
         "Zero-shot classification (ImageNet, folders, CLIP_benchmark WDS, demo).",
     ),
@@ -28,9 +28,9 @@ COMMANDS = {
         "retrieve",
         "FAISS index: build, search, evaluate retrieval.",
     ),
-    "probe": ("clipkit.cli.evaluate", "probe", "Linear probe on frozen image features."),
+    "probe": ("clipkit.cli.probe", "probe", "Linear probe on frozen image features."),
     "export": (
-        "clipkit.cli.evaluate",
+        "clipkit.cli.export",
         "export",
         "Export a checkpoint to an open_clip local-dir folder.",
     ),

@@ -7,19 +7,24 @@ import functools
 import json
 import logging
 import re
+from dataclasses import asdict, dataclass, replace
 
 import click
 
-from clipkit.cli.evaluate import (
+from clipkit.cli.main import fail, run_guarded, stack_options
+from clipkit.cli.options import (
     NON_NEGATIVE_INT,
     FiniteFloatRange,
+    LoaderSettings,
+    ModelSource,
     check_output,
     load_for_eval,
     loader_options,
     model_options,
+    output_option,
+    pick,
     write_output,
 )
-from clipkit.cli.main import fail, run_guarded, stack_options
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
 
@@ -48,6 +53,25 @@ def guarded(fn):
             fail(str(e))
 
     return wrapper
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """--index-type, --max-memory (in bytes), --target-recall, --seed."""
+
+    index_type: str
+    max_memory: int
+    target_recall: float
+    seed: int
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> IndexSettings:
+        settings = pick(cls, kwargs)
+        return replace(settings, max_memory=parse_memory(settings.max_memory))
+
+    def build_args(self) -> dict:
+        """Keyword arguments of the library's index builders."""
+        return asdict(self)
 
 
 def index_options(fn):
@@ -111,24 +135,14 @@ def retrieve():
     """
 
 
-def _embed(
-    checkpoint,
-    model,
-    pretrained,
-    weights,
-    data,
-    split,
-    batch_size,
-    workers,
-    device,
-    max_bad_fraction,
-):
+def _embed(source: ModelSource, data, split, loader: LoaderSettings):
     from clipkit.data.eval_pairs import paired_set
     from clipkit.eval.retrieval import embed_pairs
 
-    loaded, dev = load_for_eval(checkpoint, model, pretrained, weights, device)
+    loaded, dev = load_for_eval(source, loader.device)
     pairs = run_guarded(paired_set, data, loaded.preprocess, split)
-    emb = run_guarded(embed_pairs, loaded, pairs, dev, batch_size, workers, max_bad_fraction)
+    settings = (loader.batch_size, loader.workers, loader.max_bad_fraction)
+    emb = run_guarded(embed_pairs, loaded, pairs, dev, *settings)
     return loaded, pairs, emb
 
 
@@ -144,51 +158,20 @@ def _embed(
     "ever replaced).",
 )
 @guarded
-def index_cmd(
-    checkpoint,
-    model,
-    pretrained,
-    weights,
-    data,
-    split,
-    batch_size,
-    workers,
-    device,
-    max_bad_fraction,
-    index_type,
-    max_memory,
-    target_recall,
-    seed,
-    out,
-    overwrite,
-):
+def index_cmd(data, split, out, overwrite, **kwargs):
     """Embed images and captions, build and tune a FAISS index, write it with its metadata."""
     from clipkit.eval.retrieval import build_index_dir, guard_index_out
 
-    budget = parse_memory(max_memory)
-    source = {"checkpoint": checkpoint, "model": model, "pretrained": pretrained}
-    run_guarded(guard_index_out, out, source, data, overwrite)  # before the work, not after
-    loaded, pairs, emb = _embed(
-        checkpoint,
-        model,
-        pretrained,
-        weights,
-        data,
-        split,
-        batch_size,
-        workers,
-        device,
-        max_bad_fraction,
-    )
+    settings = IndexSettings.from_kwargs(kwargs)
+    source = pick(ModelSource, kwargs)
+    run_guarded(guard_index_out, out, source.flags(), data, overwrite)  # before the work, not after
+    loaded, pairs, emb = _embed(source, data, split, pick(LoaderSettings, kwargs))
     report = run_guarded(
         build_index_dir,
         loaded,
         emb,
         out,
-        index_type=index_type,
-        max_memory=budget,
-        target_recall=target_recall,
-        seed=seed,
+        **settings.build_args(),
         overwrite=overwrite,
         data_root=pairs.root,
     )
@@ -196,10 +179,10 @@ def index_cmd(
     click.echo(
         f"index: {out}  ({report['index_type']}, {report['ntotal']} images x {report['dim']} "
         f"dims, {report['size_bytes']:,} bytes, built in {report['build_seconds']:.2f}s)\n"
-        f"  recall@{k} vs exact: {report[f'recall@{k}']:.4f} (target {target_recall}, queries: "
-        f"{report['tuning_queries']}); median query {report['median_query_ms']:.3f} ms"
+        f"  recall@{k} vs exact: {report[f'recall@{k}']:.4f} (target {settings.target_recall}, "
+        f"queries: {report['tuning_queries']}); median query {report['median_query_ms']:.3f} ms"
     )
-    _warn_shortfall(report, budget)
+    _warn_shortfall(report, settings.max_memory)
 
 
 def _warn_shortfall(report: dict, budget: int) -> None:
@@ -334,81 +317,58 @@ def _check_html(html, index_dir) -> None:
     run_guarded(guard_output_file, html, inputs=inputs, flag="--html")
 
 
-@retrieve.command(name="eval")
-@model_options
-@data_options
-@index_options
-@click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated k list.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Results JSON file.")
-@guarded
-def eval_cmd(
-    checkpoint,
-    model,
-    pretrained,
-    weights,
-    data,
-    split,
-    batch_size,
-    workers,
-    device,
-    max_bad_fraction,
-    index_type,
-    max_memory,
-    target_recall,
-    seed,
-    ks,
-    output,
-):
-    """Image->text and text->image recall@k, exact and through FAISS indexes."""
-    from clipkit.eval.results import results_dict, table
-    from clipkit.eval.retrieval import evaluate_retrieval
-
+def parse_ks(ks: str) -> list[int]:
+    """--k '1,5,10' -> [1, 5, 10] (sorted, unique, each >= 1)."""
     try:
         k_list = sorted({int(k) for k in ks.split(",") if k.strip()})
     except ValueError:
         fail(f"--k: expected comma-separated integers, got '{ks}'")
     if not k_list or k_list[0] < 1:
         fail("--k values must be >= 1")
-    from clipkit.data.sources import local_paths
+    return k_list
 
-    check_output(output, checkpoint, model, pretrained, *local_paths(data))
-    budget = parse_memory(max_memory)
-    loaded, pairs, emb = _embed(
-        checkpoint,
-        model,
-        pretrained,
-        weights,
-        data,
-        split,
-        batch_size,
-        workers,
-        device,
-        max_bad_fraction,
-    )
-    out = run_guarded(
-        evaluate_retrieval,
-        emb,
-        k_list,
-        index_type=index_type,
-        max_memory=budget,
-        target_recall=target_recall,
-        seed=seed,
-    )
+
+@retrieve.command(name="eval")
+@model_options
+@data_options
+@index_options
+@click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated k list.")
+@output_option("Results JSON file.")
+@guarded
+def eval_cmd(data, split, ks, output, **kwargs):
+    """Image->text and text->image recall@k, exact and through FAISS indexes."""
+    from clipkit.data.sources import local_paths
+    from clipkit.eval.results import table
+    from clipkit.eval.retrieval import evaluate_retrieval
+
+    k_list = parse_ks(ks)
+    source = pick(ModelSource, kwargs)
+    check_output(output, source, *local_paths(data))
+    settings = IndexSettings.from_kwargs(kwargs)
+    loaded, pairs, emb = _embed(source, data, split, pick(LoaderSettings, kwargs))
+    out = run_guarded(evaluate_retrieval, emb, k_list, **settings.build_args())
     for report in out["indexes"].values():
-        _warn_shortfall(report, budget)
+        _warn_shortfall(report, settings.max_memory)
     n_img, n_txt = len(emb.keys), len(emb.text_features)
     rows = [(f"{name} exact", value) for name, value in out["metrics"].items()]
     rows += [(f"{name} index", out["index_metrics"][name]) for name in out["metrics"]]
     click.echo(table(rows, f"retrieval on {pairs.root} ({n_img} images, {n_txt} captions)"))
-    result = results_dict(
+    write_output(output, _eval_result(loaded, pairs, emb, out, k_list, settings.seed))
+
+
+def _eval_result(loaded, pairs, emb, out: dict, k_list: list, seed: int) -> dict:
+    """The results JSON of `retrieve eval` (CLIP_benchmark's shape + a clipkit block)."""
+    from clipkit.eval.results import results_dict
+
+    return results_dict(
         dataset=pairs.name,
         loaded=loaded,
         task="zeroshot_retrieval",
         metrics=out["metrics"],
-        num_samples=n_img,
+        num_samples=len(emb.keys),
         extra={
             "data_root": pairs.root,
-            "num_captions": n_txt,
+            "num_captions": len(emb.text_features),
             "index_metrics": out["index_metrics"],
             "indexes": out["indexes"],
             "ks": k_list,
@@ -417,4 +377,3 @@ def eval_cmd(
             "skipped_images": emb.skipped.count,
         },
     )
-    write_output(output, result)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
+from clipkit.eval import DEFAULT_BATCH
 from clipkit.eval.embed import SkipCounter, check_skipped, encode_images, make_loader, progress
 from clipkit.eval.probe import cached_features, few_shot_probe, train_linear_probe
 from clipkit.eval.results import results_dict
@@ -119,7 +120,7 @@ def run_probe(
     test: ClassificationSet,
     *,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH,
     workers: int = 2,
     cache_dir: Path | None = None,
     shots: int | None = None,

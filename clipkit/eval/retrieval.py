@@ -26,6 +26,7 @@ import torch
 from clipkit.config import ConfigError
 from clipkit.data.eval_pairs import PairedSet, collate_pairs
 from clipkit.data.sources import local_paths
+from clipkit.eval import DEFAULT_BATCH
 from clipkit.eval.embed import (
     SkipCounter,
     check_skipped,
@@ -57,7 +58,7 @@ def embed_pairs(
     loaded,
     data: PairedSet,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH,
     workers: int = 2,
     max_bad_fraction: float = 0.01,
 ) -> PairEmbeddings:

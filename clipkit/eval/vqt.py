@@ -33,6 +33,7 @@ from torch import nn
 
 from clipkit.config import ConfigError
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
+from clipkit.eval import DEFAULT_BATCH
 from clipkit.eval.embed import SkipCounter, check_skipped
 from clipkit.eval.metrics import classification_metrics
 from clipkit.eval.results import results_dict
@@ -281,7 +282,7 @@ def run_vqt_probe(
     epochs: int = 10,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH,
     workers: int = 2,
     seed: int = 0,
     max_bad_fraction: float = 0.01,

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
+from clipkit.eval import DEFAULT_BATCH
 from clipkit.eval.embed import SkipCounter, check_skipped, encode_images, make_loader, progress
 from clipkit.eval.metrics import classification_metrics
 from clipkit.eval.results import results_dict
@@ -59,7 +60,7 @@ def run_zero_shot(
     data: ClassificationSet,
     *,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH,
     workers: int = 2,
     max_bad_fraction: float = 0.01,
 ) -> dict[str, Any]:

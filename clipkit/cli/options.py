@@ -1,0 +1,248 @@
+"""Options shared by the evaluation commands (zero-shot, probe, retrieve), defined once: which
+model to load, how to feed it data, where to write results, and the click types they use.
+
+Each group of options has a small dataclass built from the click kwargs (`pick`), so a command
+body passes one object instead of a dozen loose parameters. Imports of torch-backed modules stay
+inside the functions: this module is imported by `clipkit --help` paths."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import click
+
+from clipkit.cli.main import run_guarded, stack_options
+from clipkit.eval import DEFAULT_BATCH
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan (it passes every range comparison) and inf."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+# Option types shared by the evaluation commands (click's messages go through the one-line
+# error path: "Invalid value for '--batch-size': 0 is not in the range x>=1.").
+POSITIVE_INT = click.IntRange(min=1)
+NON_NEGATIVE_INT = click.IntRange(min=0)
+FRACTION = FiniteFloatRange(0, 1)  # [0, 1]
+OPEN_FRACTION = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # (0, 1)
+POSITIVE_FLOAT = FiniteFloatRange(min=0, min_open=True)
+NON_NEGATIVE_FLOAT = FiniteFloatRange(min=0)
+
+DATASET_CHOICE = click.Choice(["imagenet", "folder", "wds", "demo"])
+
+
+def pick(cls, kwargs: dict, prefix: str = ""):
+    """Build dataclass `cls` from the click kwargs named `prefix + field` (removing them)."""
+    return cls(**{f.name: kwargs.pop(prefix + f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """--checkpoint | --model [--pretrained], --weights."""
+
+    checkpoint: str | None
+    model: str | None
+    pretrained: str | None
+    weights: str
+
+    def flags(self) -> dict:
+        """The model-choosing flags as given (what the library's input checks take)."""
+        return {"checkpoint": self.checkpoint, "model": self.model, "pretrained": self.pretrained}
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """--batch-size, --workers, --device, --max-bad-fraction."""
+
+    batch_size: int
+    workers: int
+    device: str
+    max_bad_fraction: float
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    """A classification dataset: DATASET --data-root, --task, --templates, --classnames."""
+
+    dataset: str
+    data_root: str
+    task: str
+    templates: str | None
+    classnames: str | None
+
+    def local_inputs(self) -> list:
+        """Files and folders the results file must not overwrite."""
+        return [self.data_root, self.templates, self.classnames]
+
+    def load(self, split: str, preprocess, strict_split: bool = False):
+        """Open one split (a ClassificationSet); a bad layout or file is a one-line error."""
+        from clipkit.data.eval_sets import classification_set
+
+        return run_guarded(
+            classification_set,
+            self.dataset,
+            self.data_root,
+            split,
+            preprocess,
+            task=self.task,
+            templates_file=self.templates,
+            classnames_file=self.classnames,
+            strict_split=strict_split,
+        )
+
+
+def loader_options() -> list:
+    """--batch-size, --workers, --device, --max-bad-fraction (evaluation and retrieval)."""
+    return [
+        click.option(
+            "--batch-size",
+            default=DEFAULT_BATCH,
+            type=POSITIVE_INT,
+            show_default=True,
+            help="Images per batch.",
+        ),
+        click.option(
+            "--workers",
+            default=2,
+            type=NON_NEGATIVE_INT,
+            show_default=True,
+            help="Data loader worker processes.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (CUDA if present), cpu, cuda or cuda:N.",
+        ),
+        click.option(
+            "--max-bad-fraction",
+            default=0.01,
+            type=FRACTION,
+            show_default=True,
+            help="Unreadable images are skipped and counted; stop if more than this share is.",
+        ),
+    ]
+
+
+def model_options(fn):
+    """--checkpoint | --model [--pretrained], --weights."""
+    options = [
+        click.option(
+            "--checkpoint",
+            "-c",
+            type=str,
+            help="clipkit checkpoint file, or a run directory (uses its checkpoints/latest.pt).",
+        ),
+        click.option(
+            "--model",
+            type=str,
+            help="open_clip model instead of a checkpoint: NAME (with --pretrained FILE) or "
+            "local-dir:DIR (an open_clip / `clipkit export` folder).",
+        ),
+        click.option("--pretrained", type=str, help="Local open_clip weights file for --model."),
+        click.option(
+            "--weights",
+            type=click.Choice(["online", "ema"]),
+            default="online",
+            show_default=True,
+            help="Which weights of the checkpoint: the trained ones, or the EMA copy (A-CLIP).",
+        ),
+    ]
+    return stack_options(fn, options)
+
+
+def output_option(help_: str):
+    """-o / --output: a results JSON file."""
+    return click.option("--output", "-o", type=click.Path(dir_okay=False), help=help_)
+
+
+def run_options(fn):
+    """--batch-size, --workers, --device, --max-bad-fraction, --output."""
+    options = [
+        *loader_options(),
+        output_option("Write the results JSON (CLIP_benchmark's shape + a clipkit block) here."),
+    ]
+    return stack_options(fn, options)
+
+
+def dataset_options(fn):
+    """DATASET --data-root --task --templates --classnames (zero-shot and probe)."""
+    options = [
+        click.argument("dataset", type=DATASET_CHOICE),
+        click.option(
+            "--data-root",
+            required=True,
+            type=str,
+            help="Dataset directory (imagenet: synset folders; folder: ImageFolder tree; wds: "
+            "CLIP_benchmark layout; demo: a `clipkit data demo` folder).",
+        ),
+        click.option(
+            "--task",
+            type=click.Choice(["shape", "colour"]),
+            default="shape",
+            show_default=True,
+            help="demo only: classify shapes or colours.",
+        ),
+        click.option(
+            "--templates",
+            type=click.Path(dir_okay=False),
+            help="Prompt templates file, one per line with {c} for the class name.",
+        ),
+        click.option(
+            "--classnames",
+            type=click.Path(dir_okay=False),
+            help="Class names file, one per line in class-index order (folder, wds).",
+        ),
+    ]
+    return stack_options(fn, options)
+
+
+def load_for_eval(source: ModelSource, device: str):
+    """Validate the model flags up front, then load; returns (LoadedModel, torch.device)."""
+    from clipkit.eval.loading import load_model, pick_device
+
+    dev = run_guarded(pick_device, device)
+    loaded = run_guarded(
+        load_model,
+        checkpoint=source.checkpoint,
+        model=source.model,
+        pretrained=source.pretrained,
+        weights=source.weights,
+        device=dev,
+    )
+    return loaded, dev
+
+
+def check_output(output, source: ModelSource, *data) -> None:
+    """Before any work: `-o` must be writable and must not be one of the inputs (the checkpoint,
+    weights, data, templates...)."""
+    if not output:
+        return
+    from clipkit.eval.loading import model_inputs
+    from clipkit.fileio import guard_output_file
+
+    inputs = model_inputs(source.flags())
+    run_guarded(guard_output_file, output, inputs=inputs + [d for d in data if d])
+
+
+def write_output(output, result) -> None:
+    if output:
+        from clipkit.eval.results import write_json
+
+        run_guarded(write_json, output, result)
+        click.echo(f"results: {output}")
+
+
+def echo_metrics(result: dict, title: str) -> None:
+    """Print a result's float metrics as a table under `title`."""
+    from clipkit.eval.results import table
+
+    rows = [(name, value) for name, value in result["metrics"].items() if isinstance(value, float)]
+    click.echo(table(rows, title))
