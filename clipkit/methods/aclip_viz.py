@@ -19,7 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from clipkit.config import ConfigError, DataConfig
+from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
+from clipkit.data.pipeline import Collate, SampleTransform
 from clipkit.data.preprocess import Preprocess
+from clipkit.data.sources import expand_sources, local_paths, preflight
 from clipkit.data.tarscan import TarStopped, shard_samples
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
@@ -166,10 +169,6 @@ def read_batch(
     """The first `n` usable samples of the shards `data` (in shard order), transformed into the
     method's views with the augmentation RNG seeded by `seed`, collated like training batches.
     `keys`: the run's data config (image/text member names, pixel guard); default: defaults."""
-    from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
-    from clipkit.data.pipeline import Collate, SampleTransform
-    from clipkit.data.sources import expand_sources, preflight
-
     keys = keys or DataConfig()
     transform = SampleTransform(preprocess, views)
     rng = random.Random(seed)
@@ -202,7 +201,6 @@ def inspect_masks(
 ) -> Path:
     """Draw the token choice of an A-CLIP-family checkpoint on `n` samples of `data`."""
     from clipkit import checkpoint
-    from clipkit.data.sources import local_paths
     from clipkit.models import factory
 
     if n < 1:
