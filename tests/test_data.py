@@ -12,11 +12,12 @@ from clipkit.config import ConfigError, DataConfig
 from clipkit.data.pipeline import Collate, DataPosition, build_loader
 from clipkit.data.shards import ShardStream, StreamSpec
 from clipkit.data.sources import expand_sources, preflight
+from clipkit.data.tokenize import build_tokenizer
+from clipkit.data.views import ViewSpec
 from clipkit.distributed import DistInfo
-from clipkit.methods.base import ViewSpec
 from clipkit.models import factory
 
-ARCH = factory.resolve_arch(factory.ModelConfig(name="test"))
+PREPROCESS = factory.preprocess(factory.resolve_arch(factory.ModelConfig(name="test")))
 
 
 def _jpeg(colour, size=16) -> bytes:
@@ -50,8 +51,10 @@ def write_shards(folder, n_shards, per_shard, extra=None):
 
 def _loader(folder, *, rank=0, world=1, workers=0, batch=4, buffer=0, position=None, seed=0):
     cfg = DataConfig(data=str(folder), batch_size=batch, workers=workers, shuffle_buffer=buffer)
-    tok = factory.tokenizer(ARCH)
-    return build_loader(cfg, ARCH, ViewSpec(), tok, DistInfo(rank, rank, world), seed, position)
+    tok = build_tokenizer(PREPROCESS)
+    return build_loader(
+        cfg, PREPROCESS, ViewSpec(), tok, DistInfo(rank, rank, world), seed, position
+    )
 
 
 def _keys(batches):
@@ -67,7 +70,7 @@ def test_round_trip(tmp_path):
     assert sorted(_keys(batches)) == [f"{i:06d}" for i in range(12)]
     b = batches[0]
     assert b["image"].shape == (4, 3, 32, 32) and b["text"].shape == (4, 16)
-    tok = factory.tokenizer(ARCH)
+    tok = build_tokenizer(PREPROCESS)
     i = int(b["key"][0])
     assert torch.equal(b["text"][0], tok([f"caption {i}"])[0])
 
@@ -177,7 +180,7 @@ def test_sources_and_preflight_errors(tmp_path):
 
 
 def test_collate_stacks_views_first():
-    tok = factory.tokenizer(ARCH)
+    tok = build_tokenizer(PREPROCESS)
     samples = [
         {
             "caption": "a",
@@ -189,3 +192,21 @@ def test_collate_stacks_views_first():
     ] * 3
     batch = Collate(tok)(samples)
     assert batch["views"].shape == (2, 3, 3, 8, 8) and batch["boxes"].shape == (3, 2, 4)
+
+
+def test_data_layer_imports_no_model_or_method_code():
+    """The data layer sits below models and methods: not even a lazy import reaches up."""
+    import ast
+    from pathlib import Path
+
+    import clipkit.data
+
+    upward = ("clipkit.models", "clipkit.methods")
+    for path in sorted(Path(clipkit.data.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not [n for n in names if n.startswith(upward)], f"{path.name} imports {names}"

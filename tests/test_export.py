@@ -5,6 +5,7 @@ import torch
 
 from clipkit import checkpoint, methods
 from clipkit.config import Config, ConfigError, ModelConfig
+from clipkit.data.tokenize import build_tokenizer
 from clipkit.models import factory
 
 
@@ -47,7 +48,7 @@ def test_export_aclip_ema_image_tower(tmp_path):
     export_open_clip(path, tmp_path / "ema", weights="ema")
     export_open_clip(path, tmp_path / "online", weights="online")
     images = torch.rand(3, 3, 32, 32)
-    tokens = factory.tokenizer(factory.resolve_arch(ModelConfig(name="test")))(
+    tokens = build_tokenizer(factory.preprocess(factory.resolve_arch(ModelConfig(name="test"))))(
         ["a star", "two red rings"]
     )
     ema = meth.eval_model("ema").eval()

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from clipkit import checkpoint
 from clipkit.cli.main import cli
 from clipkit.config import ModelConfig
+from clipkit.data.tokenize import build_tokenizer
 from clipkit.models import factory
 from clipkit.models.timm_presets import TIMM_PRESETS, register_timm_models
 
@@ -45,7 +46,7 @@ def test_tiny_tower_forward_backward(name, tmp_path):
     assert type(model.visual).__name__ == "TimmModel"
     assert sum(p.numel() for p in model.visual.parameters()) < 100_000
     images = torch.randn(2, 3, 32, 32)
-    tokens = factory.tokenizer(cfg.arch)(["a dog", "a cat"])
+    tokens = build_tokenizer(factory.preprocess(cfg.arch))(["a dog", "a cat"])
     out = model(images, tokens)
     assert out["image_features"].shape == (2, 32)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from clipkit import checkpoint
 from clipkit.cli.main import cli
 from clipkit.config import ConfigError, ModelConfig, OptimConfig
+from clipkit.data.tokenize import build_tokenizer
 from clipkit.models import factory
 from clipkit.models.towers import apply_text_tower, load_text_tower_weights, lock_towers
 from clipkit.train.optim import param_groups
@@ -66,7 +67,7 @@ def test_text_tower_arch_tokenizer_and_weights(hf_dir):
     text_cfg = cfg.arch["model_cfg"]["text_cfg"]
     assert text_cfg["hf_model_name"] == str(hf_dir.resolve())
     assert text_cfg["context_length"] == 16  # the preset's context, within the model's 64
-    tokens = factory.tokenizer(cfg.arch)(["a photo of a dog", "zebra"])
+    tokens = build_tokenizer(factory.preprocess(cfg.arch))(["a photo of a dog", "zebra"])
     assert tokens.shape == (2, 16)
     assert tokens[0, :7].tolist() == [2, 5, 8, 9, 5, 12, 3]  # [CLS] a photo of a dog [SEP]
     assert tokens[1, :3].tolist() == [2, 1, 3]  # unknown word -> [UNK]

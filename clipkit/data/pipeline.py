@@ -8,32 +8,20 @@ from dataclasses import dataclass, field
 import torch
 
 from clipkit.config import ConfigError, DataConfig
+from clipkit.data.preprocess import Preprocess
 from clipkit.data.shards import StreamSpec, batches_per_worker, make_loader
 from clipkit.data.sources import expand_sources, preflight, read_sizes
+from clipkit.data.transforms import train_transform
+from clipkit.data.views import ViewSpec
 from clipkit.distributed import DistInfo
-from clipkit.methods.base import ViewSpec
 
 
 class SampleTransform:
     """(PIL image, caption) -> per-sample dict for the method's views (picklable for workers)."""
 
-    def __init__(self, arch: dict, views: ViewSpec):
-        from clipkit.models import factory
-
+    def __init__(self, preprocess: Preprocess, views: ViewSpec):
         self.views = views
-        if views.online_views == 0:
-            self.image = factory.transforms(arch, is_train=True)
-        else:
-            from clipkit.data.views import MultiViewTransform
-
-            pp = factory.preprocess_cfg(arch)
-            self.image = MultiViewTransform(
-                image_size=pp["size"],
-                num_views=views.online_views,
-                teacher_size=views.teacher_size,
-                mean=pp["mean"],
-                std=pp["std"],
-            )
+        self.image = train_transform(preprocess, views)
 
     def __call__(self, image, caption: str) -> dict:
         out = {"caption": caption}
@@ -94,7 +82,7 @@ class LoaderInfo:
 
 def build_loader(
     cfg: DataConfig,
-    arch: dict,
+    preprocess: Preprocess,
     views: ViewSpec,
     tokenizer,
     dist: DistInfo,
@@ -133,7 +121,7 @@ def build_loader(
     )
     loader = make_loader(
         spec,
-        SampleTransform(arch, views),
+        SampleTransform(preprocess, views),
         Collate(tokenizer),
         pin_memory,
         stall_timeout=cfg.stall_timeout,

@@ -1,4 +1,5 @@
-"""Multi-view sample transform of A-CLIP (arXiv 2212.08653 Sec. 3.2 and 4.1; spec aclip.md Sec. 2).
+"""What a method asks of each sample (`ViewSpec`), and the multi-view sample transform of A-CLIP
+(arXiv 2212.08653 Sec. 3.2 and 4.1; spec aclip.md Sec. 2).
 
 Per image: `num_views` online views (RandomResizedCrop, scale (0.5, 1), BYOL-style photometric
 augmentation, no flip since a flip would break the box mapping), and one teacher view: a
@@ -11,6 +12,8 @@ Randomness comes from torch's global RNG (DataLoader workers are seeded by the l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
@@ -21,6 +24,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # A-CLIP follows SLIP: ImageNet statistic
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in original-image pixels
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What the data pipeline must produce per sample for a method.
+
+    `online_views == 0`: a single `image` [B,3,H,W] (CLIP, FLIP, MS-CLIP).
+    `online_views >= 1`: also `views` [V,B,3,H,W], `teacher_image` [B,3,H',W'] and `boxes`
+    [B,V,4] (each view's crop inside the teacher crop, normalised (x0, y0, x1, y1)).
+    """
+
+    online_views: int = 0
+    teacher_size: int | None = None  # teacher view side in pixels; None = the model's image size
 
 
 class RandomPILGaussianBlur:

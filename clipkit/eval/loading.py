@@ -15,6 +15,8 @@ from torch import nn
 
 from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError
+from clipkit.data.tokenize import build_tokenizer
+from clipkit.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 WEIGHTS = ("online", "ema")
@@ -76,8 +78,8 @@ def _from_checkpoint(path: str, weights: str) -> LoadedModel:
             ) from None
     return LoadedModel(
         model=model,
-        preprocess=factory.transforms(arch, is_train=False),
-        tokenizer=factory.tokenizer(arch),
+        preprocess=eval_transform(factory.preprocess(arch)),
+        tokenizer=build_tokenizer(factory.preprocess(arch)),
         arch=arch,
         name=cfg.model.name,
         pretrained=str(state["_path"]),
@@ -103,8 +105,8 @@ def _from_open_clip(name: str, pretrained: str | None) -> LoadedModel:
         name = "local-dir:" + str(Path(name[len("local-dir:") :]).resolve())
     return LoadedModel(
         model=model,
-        preprocess=factory.transforms(cfg.arch, is_train=False),
-        tokenizer=factory.tokenizer(cfg.arch),
+        preprocess=eval_transform(factory.preprocess(cfg.arch)),
+        tokenizer=build_tokenizer(factory.preprocess(cfg.arch)),
         arch=cfg.arch,
         name=name,
         pretrained=str(weights_file) if weights_file else "",

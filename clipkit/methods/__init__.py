@@ -7,7 +7,8 @@ import importlib
 from collections.abc import Callable
 
 from clipkit.config import ConfigError, MethodConfig
-from clipkit.methods.base import Method, ViewSpec
+from clipkit.data.views import ViewSpec
+from clipkit.methods.base import Method
 
 _METHODS: dict[str, Callable[..., Method]] = {}
 # Modules that register methods when imported (kept lazy so `clipkit --help` stays instant).

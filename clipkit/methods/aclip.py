@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkit.config import ConfigError, MethodConfig
+from clipkit.data.views import ViewSpec
 from clipkit.losses import byol_loss, clip_loss, nt_xent
 from clipkit.methods import register
-from clipkit.methods.base import Method, ViewSpec
+from clipkit.methods.base import Method
 from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
 from clipkit.models.vit import cls_attention, forward_kept, patch_grid, require_vit
 

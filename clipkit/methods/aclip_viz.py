@@ -19,8 +19,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from clipkit.config import ConfigError, DataConfig
+from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
+from clipkit.data.pipeline import Collate, SampleTransform
+from clipkit.data.preprocess import Preprocess
+from clipkit.data.sources import expand_sources, local_paths, preflight
 from clipkit.data.tarscan import TarStopped, shard_samples
-from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD
+from clipkit.data.tokenize import build_tokenizer
+from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from clipkit.fileio import guard_output_file, write_output_file
 
 ACLIP_FAMILY = ("aclip", "aclip-eff", "attmask-high")  # methods with a teacher-driven token choice
@@ -153,17 +158,19 @@ def _raw_samples(urls: list[str]):
 
 
 def read_batch(
-    data: str, arch: dict, views, tokenizer, n: int, seed: int, keys: DataConfig | None = None
+    data: str,
+    preprocess: Preprocess,
+    views: ViewSpec,
+    tokenizer,
+    n: int,
+    seed: int,
+    keys: DataConfig | None = None,
 ) -> dict:
     """The first `n` usable samples of the shards `data` (in shard order), transformed into the
     method's views with the augmentation RNG seeded by `seed`, collated like training batches.
     `keys`: the run's data config (image/text member names, pixel guard); default: defaults."""
-    from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
-    from clipkit.data.pipeline import Collate, SampleTransform
-    from clipkit.data.sources import expand_sources, preflight
-
     keys = keys or DataConfig()
-    transform = SampleTransform(arch, views)
+    transform = SampleTransform(preprocess, views)
     rng = random.Random(seed)
     torch.manual_seed(seed)  # the views' crops and colour draws come from torch's global RNG
     samples: list[dict] = []
@@ -194,7 +201,6 @@ def inspect_masks(
 ) -> Path:
     """Draw the token choice of an A-CLIP-family checkpoint on `n` samples of `data`."""
     from clipkit import checkpoint
-    from clipkit.data.sources import local_paths
     from clipkit.models import factory
 
     if n < 1:
@@ -202,8 +208,7 @@ def inspect_masks(
     inputs = checkpoint.input_paths(checkpoint_path) + local_paths(data)
     guard_output_file(out_png, inputs=inputs, flag="--out")  # before the work, not after
     method, cfg = load_aclip_method(checkpoint_path, weights, device)
-    arch = cfg.model.arch
-    batch = read_batch(data, arch, method.views, factory.tokenizer(arch), n, seed, cfg.data)
+    pp = factory.preprocess(cfg.model.arch)
+    batch = read_batch(data, pp, method.views, build_tokenizer(pp), n, seed, cfg.data)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    pp = factory.preprocess_cfg(arch)
-    return render_masks(method, batch, out_png, n=n, mean=pp["mean"], std=pp["std"])
+    return render_masks(method, batch, out_png, n=n, mean=pp.mean, std=pp.std)

@@ -8,23 +8,10 @@ happens in `after_step`, after the optimizer step (as in dinov2 / BYOL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """What the data pipeline must produce per sample for a method.
-
-    `online_views == 0`: a single `image` [B,3,H,W] (CLIP, FLIP, MS-CLIP).
-    `online_views >= 1`: also `views` [V,B,3,H,W], `teacher_image` [B,3,H',W'] and `boxes`
-    [B,V,4] (each view's crop inside the teacher crop, normalised (x0, y0, x1, y1)).
-    """
-
-    online_views: int = 0
-    teacher_size: int | None = None  # teacher view side in pixels; None = the model's image size
+from clipkit.data.views import ViewSpec
 
 
 class Method(nn.Module):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from clipkit.config import ConfigError, ModelConfig
+from clipkit.data.preprocess import Preprocess
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -424,31 +425,19 @@ def preprocess_cfg(arch: dict) -> dict:
     return pp
 
 
-def transforms(arch: dict, is_train: bool):
-    """open_clip's image preprocessing (train: RandomResizedCrop; eval: resize + centre crop)."""
-    from open_clip.transform import image_transform
-
+def preprocess(arch: dict) -> Preprocess:
+    """What the data layer needs to feed this model: image preprocessing and tokenizer settings."""
     pp = preprocess_cfg(arch)
-    return image_transform(
-        pp["size"],
-        is_train=is_train,
+    text_cfg = arch.get("model_cfg", {}).get("text_cfg", {})
+    return Preprocess(
+        image_size=pp["size"],
         mean=tuple(pp["mean"]),
         std=tuple(pp["std"]),
         interpolation=pp.get("interpolation"),
         resize_mode=pp.get("resize_mode"),
+        context_length=context_length(arch),
+        hf_tokenizer_name=text_cfg.get("hf_tokenizer_name"),
     )
-
-
-def tokenizer(arch: dict):
-    """open_clip's tokenizer for this model's context length (HF tokenizer for HF text towers)."""
-    import open_clip
-
-    text_cfg = arch.get("model_cfg", {}).get("text_cfg", {})
-    if "hf_tokenizer_name" in text_cfg:
-        from open_clip.tokenizer import HFTokenizer
-
-        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length(arch))
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length(arch))
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -15,6 +15,7 @@ import torch
 from clipkit import checkpoint
 from clipkit.config import Config, ConfigError, check_resume, load_yaml, save_yaml, validate
 from clipkit.data.pipeline import DataPosition, build_loader
+from clipkit.data.tokenize import build_tokenizer
 from clipkit.distributed import DistInfo
 from clipkit.train.logging import log
 from clipkit.train.run_lock import RunLock
@@ -160,7 +161,8 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
     random.seed(cfg.run.seed)
     model = factory.build(cfg.model)
     method = methods.build(cfg.method, model).to(device)
-    tokenizer = factory.tokenizer(cfg.model.arch)
+    preprocess = factory.preprocess(cfg.model.arch)
+    tokenizer = build_tokenizer(preprocess)
     dist = distributed.init(device)
     try:
         state = TrainState()
@@ -169,7 +171,7 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
             state = _restore(saved, method, optimizer, dist, cfg.data.workers)
         loader, info = build_loader(
             cfg.data,
-            cfg.model.arch,
+            preprocess,
             method.views,
             tokenizer,
             dist,

@@ -7,14 +7,16 @@ import time
 
 from clipkit.config import DataConfig, ModelConfig
 from clipkit.data.pipeline import build_loader
+from clipkit.data.tokenize import build_tokenizer
+from clipkit.data.views import ViewSpec
 from clipkit.distributed import DistInfo
-from clipkit.methods.base import ViewSpec
 from clipkit.models import factory
 
 shards, n, workers, batch, size, batches = sys.argv[1], *map(int, sys.argv[2:])
 arch = factory.resolve_arch(ModelConfig(name="tiny", image_size=size))
 cfg = DataConfig(data=shards, batch_size=batch, workers=workers, train_num_samples=n)
-loader, _ = build_loader(cfg, arch, ViewSpec(), factory.tokenizer(arch), DistInfo(), seed=0)
+pp = factory.preprocess(arch)
+loader, _ = build_loader(cfg, pp, ViewSpec(), build_tokenizer(pp), DistInfo(), seed=0)
 it = iter(loader)
 next(it)
 t0 = time.perf_counter()

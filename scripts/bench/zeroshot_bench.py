@@ -11,6 +11,8 @@ import torch
 
 from clipkit.config import ModelConfig
 from clipkit.data.eval_sets import classification_set
+from clipkit.data.tokenize import build_tokenizer
+from clipkit.data.transforms import eval_transform
 from clipkit.eval.loading import LoadedModel
 from clipkit.eval.zero_shot import run_zero_shot
 from clipkit.models import factory
@@ -22,8 +24,8 @@ model = factory.build(cfg).eval()
 arch = cfg.arch
 loaded = LoadedModel(
     model=model,
-    preprocess=factory.transforms(arch, is_train=False),
-    tokenizer=factory.tokenizer(arch),
+    preprocess=eval_transform(factory.preprocess(arch)),
+    tokenizer=build_tokenizer(factory.preprocess(arch)),
     arch=arch,
     name=model_name,
     pretrained="random",
