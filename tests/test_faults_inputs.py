@@ -407,7 +407,7 @@ def test_data_check_with_no_usable_sample_fails(tmp_path, demo_root):
     ],
 )
 def test_wds_dataset_names(tmp_path, folder, name):
-    from clipkit.eval.results import wds_dataset_name
+    from clipkit.data.names import wds_dataset_name
 
     assert wds_dataset_name(tmp_path / folder) == name
 

@@ -23,7 +23,7 @@ from clipkit.data.eval_sets import (
     open_image,
     worker_share,
 )
-from clipkit.eval.results import folder_dataset_name, wds_dataset_name
+from clipkit.data.names import folder_dataset_name, wds_dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class PairedSet:
     num_samples: int | None
     kind: str  # "shards" | "folder"
     fingerprint: list = field(default_factory=list)
-    name: str = ""  # what results call it (`clipkit.eval.results.folder_dataset_name`)
+    name: str = ""  # what results call it (`clipkit.data.names.folder_dataset_name`)
 
 
 def split_captions(data: bytes | None) -> list[str]:

@@ -33,8 +33,8 @@ import torch.utils.data
 from PIL import Image
 
 from clipkit.config import ConfigError
+from clipkit.data.names import folder_dataset_name, wds_dataset_name
 from clipkit.data.tarscan import TarStopped, read_members, sample_key
-from clipkit.eval.results import folder_dataset_name, wds_dataset_name
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
