@@ -4,6 +4,11 @@ Contents: format version, resolved config, model weights, method state (EMA teac
 optimizer, step, samples seen, data position of every rank, RNG states. A checkpoint rebuilds its
 model from the config stored inside.
 
+Reading: `read` takes the file in once, hashes those bytes (the sha256 results report), checks
+them and unpickles them, returning `Loaded(path, sha256, state)`; `load` is its state alone.
+Rebuilding the model and method from a checkpoint is `clipkit.methods.restore.load_method`
+(this module stays below models); the run directory's layout is `clipkit.run_dir`.
+
 Integrity: `save` stores a sha256 of every tensor; `load` checks the CRC-32 of every member of
 the zip archive and then that checksum, so a file damaged on disk or in transit is refused with
 one line instead of training or evaluating garbage weights.
@@ -18,12 +23,14 @@ import pickle
 import re
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clipkit.fileio import atomic_write_bytes
+from clipkit.run_dir import LATEST, RunDir, is_checkpoints_folder
 
 FORMAT_VERSION = 1
 CHECKSUM_KEY = "tensor_sha256"  # hex sha256 of every tensor in the checkpoint (see tensor_sha256)
@@ -31,6 +38,15 @@ CHECKSUM_KEY = "tensor_sha256"  # hex sha256 of every tensor in the checkpoint (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, corrupt, not clipkit's); a user-facing error."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint as read: the file it came from, the sha256 of its bytes, its contents."""
+
+    path: Path
+    sha256: str
+    state: dict
 
 
 def save(state: dict, path: str | Path) -> None:
@@ -81,28 +97,31 @@ def link_latest(src: Path, latest: Path) -> None:
 def resolve(path: str | Path) -> Path:
     """A checkpoint file, or a run directory / checkpoints directory meaning its latest.pt."""
     p = Path(path)
-    for candidate in (p, p / "checkpoints" / "latest.pt", p / "latest.pt"):
+    for candidate in (p, RunDir(p).latest, p / LATEST):
         if candidate.is_file():
             return candidate
     if p.is_dir():
-        raise CheckpointError(f"no checkpoint in {p} (expected checkpoints/latest.pt)")
+        expected = RunDir(p).latest.relative_to(p)
+        raise CheckpointError(f"no checkpoint in {p} (expected {expected})")
     raise CheckpointError(f"checkpoint not found: {p}")
 
 
-def verify_archive(path: Path) -> None:
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:  # unreadable (permissions...): one line, not a traceback
+        raise CheckpointError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+
+
+def verify_archive(data: bytes, path: Path) -> None:
     """Check the CRC-32 of every member of the zip archive torch.save writes (torch's reader
     does not): flipped bits anywhere in the file are caught here. About as fast as reading the
-    file once (0.05 s per 100 MB)."""
+    file once (0.05 s per 100 MB). `path` names the file in messages."""
     try:
-        with open(path, "rb") as f:
-            is_zip_start = f.read(4) == b"PK\x03\x04"
-    except OSError as e:  # unreadable (permissions, a FIFO...): one line, not a traceback
-        raise CheckpointError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
-    try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        if not is_zip_start:
+        if not data.startswith(b"PK\x03\x04"):
             raise CheckpointError(
                 f"{path} is not a clipkit checkpoint (not the zip archive torch.save writes)"
             ) from None
@@ -121,10 +140,15 @@ def read_torch_file(
     """torch.load that never runs code (`weights_only=True`), for files from anywhere. Every
     failure is one CheckpointError line; torch's advice to turn the safety off is not relayed.
     `mmap` (zip archives only) maps the tensor data instead of reading it."""
+    return _safe_torch_load(path, path, map_location, what, mmap)
+
+
+def _safe_torch_load(source: Any, path: str | Path, map_location: Any, what: str, mmap: bool):
+    """torch.load(source) with weights_only=True; `path` names the file in error lines."""
     try:
         with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: noise here
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         name = f" ({found.group(1)})" if found else ""
@@ -139,12 +163,21 @@ def read_torch_file(
         ) from None
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load safely (no code runs), after checking the archive's CRCs, and verify the tensor
-    checksum stored at save (checkpoints written before it existed load without one)."""
+def read(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
+    """Read a checkpoint file (or a run's latest) once: hash the bytes read, check the archive's
+    CRCs, load them safely (no code runs) and verify the tensor checksum stored at save
+    (checkpoints written before it existed load without one)."""
     p = resolve(path)
-    verify_archive(p)
-    state = read_torch_file(p, map_location, what="clipkit checkpoint")
+    data = _read_bytes(p)
+    digest = hashlib.sha256(data).hexdigest()
+    verify_archive(data, p)
+    state = _safe_torch_load(io.BytesIO(data), p, map_location, "clipkit checkpoint", False)
+    del data  # the tensors are copied out: do not hold the file twice while checking
+    _check_contents(state, p)
+    return Loaded(path=p, sha256=digest, state=state)
+
+
+def _check_contents(state: Any, p: Path) -> None:
     if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
         raise CheckpointError(f"{p} is not a clipkit checkpoint (no format version / config)")
     version = state["format_version"]
@@ -158,8 +191,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
             f"{p} is corrupt: its tensors do not match the checksum written with them; use an "
             "earlier checkpoint"
         )
-    state["_path"] = str(p)
-    return state
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The contents of a checkpoint (see `read`, which also gives its path and sha256)."""
+    return read(path, map_location).state
 
 
 def input_paths(path: str | Path) -> list[Path]:
@@ -172,13 +208,14 @@ def input_paths(path: str | Path) -> list[Path]:
     except CheckpointError:
         return paths
     paths.append(file)
-    if file.parent.name == "checkpoints":
+    if is_checkpoints_folder(file.parent):
         paths.append(file.parent.parent)
         paths.extend(p for p in file.parent.iterdir() if p.is_file())
     return paths
 
 
 def sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (a weights file; a checkpoint's comes with `read`)."""
     h = hashlib.sha256()
     with open(resolve(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

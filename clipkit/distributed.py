@@ -25,6 +25,10 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def global_batch(self, batch_size: int, accum_steps: int = 1) -> int:
+        """Samples per optimizer step over all ranks: each rank's micro-batch x accumulation."""
+        return batch_size * self.world_size * accum_steps
+
 
 def env_info() -> DistInfo:
     """Rank/world as torchrun (or SLURM's srun) sets them; a plain process is rank 0 of 1."""

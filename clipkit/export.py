@@ -22,33 +22,18 @@ import torch
 from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError
 from clipkit.fileio import follow_umask, guard_output_dir, output_dir
+from clipkit.methods.restore import LoadedMethod, load_method
 
 CONFIG_NAME = "open_clip_config.json"
 KIND = "export"  # the marker clipkit leaves in the folders it exports
 
 
-def _state_dict(state: dict, weights: str) -> dict[str, torch.Tensor]:
+def _state_dict(loaded: LoadedMethod) -> dict[str, torch.Tensor]:
     """The open_clip state dict to export: online weights, or with the EMA image tower."""
-    from clipkit import methods
-    from clipkit.config import Config
-    from clipkit.models import factory
-
-    if weights == "online":
-        return dict(state["model"])
-    cfg = Config.from_dict(state["config"])
-    model = factory.build_from_arch(cfg.model.arch)
-    model.load_state_dict(state["model"])
-    method = methods.build(cfg.method, model)
-    method.load_extra_state(state.get("method_state", {}))
-    if (
-        not hasattr(method, "ema_model_state_dict")
-        or getattr(method, "teacher_visual", None) is None
-    ):
-        raise ConfigError(
-            f"--weights ema: the '{cfg.method.name}' checkpoint keeps no EMA weights (only A-CLIP "
-            "does); use --weights online"
-        )
-    return method.ema_model_state_dict()
+    if loaded.weights == "online":
+        return dict(loaded.checkpoint.state["model"])
+    loaded.model()  # refuses a checkpoint that keeps no EMA weights
+    return loaded.method.ema_model_state_dict()
 
 
 def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> str:
@@ -89,16 +74,16 @@ def export_open_clip(
     out = guard_output_dir(
         out, KIND, inputs=ckpt.input_paths(checkpoint), overwrite=overwrite, command="export"
     )
-    state = ckpt.load(checkpoint, map_location="cpu")
-    arch = state["config"]["model"]["arch"]
+    loaded = load_method(checkpoint, weights, map_location="cpu")
+    arch = loaded.config.model.arch
     if arch.get("family") != "open_clip":
         raise ConfigError(
-            f"{state['_path']}: a '{arch.get('family')}' model cannot be exported to open_clip "
+            f"{loaded.path}: a '{arch.get('family')}' model cannot be exported to open_clip "
             "(MS-CLIP shares one Transformer between image and text; open_clip has no such "
             "model). Evaluate it with --checkpoint instead"
         )
     config = open_clip_config(arch)  # before writing anything: unexportable poolings fail here
-    tensors = _state_dict(state, weights)
+    tensors = _state_dict(loaded)
     with output_dir(out, KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         weights_file = _write_weights(tmp, tensors)
@@ -107,8 +92,8 @@ def export_open_clip(
         "weights_file": str(out / weights_file),
         "config": str(out / CONFIG_NAME),
         "weights": weights,
-        "checkpoint": state["_path"],
-        "checkpoint_sha256": ckpt.sha256(state["_path"]),
+        "checkpoint": str(loaded.path),
+        "checkpoint_sha256": loaded.sha256,
         "num_tensors": len(tensors),
         "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')",
     }

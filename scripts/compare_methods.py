@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from compare.report import write_report  # noqa: E402
 
+from clipkit.run_dir import RunDir, step_of  # noqa: E402
+
 # A-CLIP's Table 2a/2b rows are CLIP-loss only (spec Sec. 5.3); the full methods keep SimCLR+BYOL.
 CLIP_ONLY = ["--simclr-weight", "0", "--byol-weight", "0", "--keep-ratio", "0.5"]
 
@@ -304,12 +306,13 @@ def train_and_evaluate(spec, setup, data, models, out, seed, samples, budget, cu
         "eval": {},
         "curve": [],
     }
-    latest = run / "checkpoints" / "latest.pt"
+    layout = RunDir(run)
+    latest = layout.latest
     for weights in ("online", "ema") if spec.has_ema else ("online",):
         record["eval"][weights] = evaluate(latest, data, weights, run / f"eval-{weights}")
     if curve:
-        for ckpt in sorted((run / "checkpoints").glob("step-*.pt"), key=_step_of):
-            step = _step_of(ckpt)
+        for ckpt in layout.step_checkpoints():
+            step = step_of(ckpt)
             if step == last["step"]:
                 point = {
                     k: record["eval"]["online"][k] for k in ("zeroshot_shape", "zeroshot_colour")
@@ -319,7 +322,7 @@ def train_and_evaluate(spec, setup, data, models, out, seed, samples, budget, cu
             record["curve"].append({"step": step, "train_seconds": seconds[step], **point})
     record["wall_seconds"] = time.perf_counter() - wall
     if not keep:
-        for ckpt in (run / "checkpoints").glob("*.pt"):
+        for ckpt in layout.checkpoints.glob("*.pt"):
             ckpt.unlink()
     tmp = record_path.with_suffix(".tmp")  # a killed comparison never leaves half a record
     tmp.write_text(json.dumps(record, indent=1))
@@ -330,10 +333,6 @@ def train_and_evaluate(spec, setup, data, models, out, seed, samples, budget, cu
 def _relative(arg) -> str:
     """A path argument as the report prints it: relative to the repository root."""
     return os.path.relpath(arg, ROOT) if isinstance(arg, Path) else str(arg)
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.split("-")[1])
 
 
 def log(msg: str) -> None:

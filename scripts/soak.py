@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from clipkit.run_dir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python")
 
@@ -100,7 +102,7 @@ def main() -> int:
     full_s = time.time() - t0
     run, kills, log = work / "soak", 0, []
     while True:
-        resume = (run / "checkpoints" / "latest.pt").exists()
+        resume = RunDir(run).latest.exists()
         proc = subprocess.Popen(
             cmd(data / "train", run, args.steps, resume),
             stdout=subprocess.DEVNULL,
@@ -116,8 +118,8 @@ def main() -> int:
                 proc.wait()
                 kills += 1
                 step = (
-                    torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"]
-                    if (run / "checkpoints" / "latest.pt").exists()
+                    torch.load(RunDir(run).latest, weights_only=True)["step"]
+                    if RunDir(run).latest.exists()
                     else 0
                 )
                 log.append(
@@ -136,8 +138,8 @@ def main() -> int:
             print(f"run failed with exit code {proc.returncode}")
             return 1
         break
-    ref = torch.load(work / "ref" / "checkpoints" / "latest.pt", weights_only=True)
-    got = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    ref = torch.load(RunDir(work / "ref").latest, weights_only=True)
+    got = torch.load(RunDir(run).latest, weights_only=True)
     same = ref["step"] == got["step"] and all(
         torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"]
     )

@@ -132,7 +132,7 @@ def differences(a, b, path="") -> list[str]:
 
 def comparable(state: dict) -> dict:
     # wall-clock training time is the one field a resumed run may not repeat exactly
-    state = {k: v for k, v in state.items() if k not in ("_path", "train_seconds")}
+    state = {k: v for k, v in state.items() if k != "train_seconds"}
     state["config"]["run"].pop("out")
     return state
 

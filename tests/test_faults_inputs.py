@@ -112,7 +112,6 @@ def test_changed_checkpoint_is_refused_unless_allowed(ckpt, demo_root, tmp_path)
     shutil.copy(run / "checkpoints" / "latest.pt", original)
     # "Trained further": the same file, other weights.
     state = checkpoint.load(run)
-    state.pop("_path")
     state["model"] = {
         k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()
     }

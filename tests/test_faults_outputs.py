@@ -281,7 +281,7 @@ def test_unwritable_output_fails_in_one_line_before_the_work(
     out = blocker / "sub" / "out"
     # Tests run as root (permissions ignored): a file in the path is what cannot be written.
     # The model is never loaded: the check comes first.
-    monkeypatch.setattr("clipkit.checkpoint.load", lambda *a, **k: pytest.fail("loaded first"))
+    monkeypatch.setattr("clipkit.checkpoint.read", lambda *a, **k: pytest.fail("loaded first"))
     line = user_error(*_commands(tiny_checkpoint, demo_root, tmp_path, out)[command])
     assert "cannot write" in line and "not a directory" in line and str(blocker) in line
     assert blocker.read_text() == "a file where a folder should be"

@@ -209,16 +209,15 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
     """defaults <- saved run config (with --resume) <- YAML file <- flags, each value converted to
     its option's type. On resume, options that define what the run trains must keep their saved
     values (`clipkit.config.check_resume`, applied against the checkpoint when training starts)."""
-    from pathlib import Path
-
     from clipkit.config import Config, ConfigError, load_yaml, merge
+    from clipkit.run_dir import RunDir
 
     cfg = Config()
     out = flags.get("run", {}).get("out")
     if resume:
         if not out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        saved = Path(out) / "config.yaml"
+        saved = RunDir(out).config
         if saved.is_file():
             merge(cfg, load_yaml(saved), source=str(saved))
     if config_file:

@@ -17,9 +17,10 @@ from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.transforms import eval_transform
+from clipkit.devices import pick_device  # noqa: F401  (the CLI's evaluation commands import it here)
+from clipkit.methods.restore import WEIGHTS, load_method
 
 log = logging.getLogger(__name__)
-WEIGHTS = ("online", "ema")
 
 
 @dataclass
@@ -42,51 +43,22 @@ class LoadedModel:
         return self.arch["family"]
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` = CUDA when present, else CPU; asking for CUDA without one is a user error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-
-
 def _from_checkpoint(path: str, weights: str) -> LoadedModel:
-    from clipkit import methods
-    from clipkit.config import Config
     from clipkit.models import factory
 
-    state = ckpt.load(path, map_location="cpu")
-    cfg = Config.from_dict(state["config"])
-    arch = cfg.model.arch
-    if not arch:
-        raise ckpt.CheckpointError(f"{state['_path']} stores no model architecture")
-    model = factory.build_from_arch(arch)
-    model.load_state_dict(state["model"])
-    if weights == "ema":
-        method = methods.build(cfg.method, model)
-        method.load_extra_state(state.get("method_state", {}))
-        try:
-            model = method.eval_model("ema")
-        except ValueError:
-            raise ConfigError(
-                f"--weights ema: the '{cfg.method.name}' checkpoint {state['_path']} keeps no EMA "
-                "weights (only A-CLIP does); use --weights online"
-            ) from None
+    loaded = load_method(path, weights)
+    arch = loaded.config.model.arch
     return LoadedModel(
-        model=model,
+        model=loaded.model(),
         preprocess=eval_transform(factory.preprocess(arch)),
         tokenizer=build_tokenizer(factory.preprocess(arch)),
         arch=arch,
-        name=cfg.model.name,
-        pretrained=str(state["_path"]),
-        sha256=ckpt.sha256(state["_path"]),
+        name=loaded.config.model.name,
+        pretrained=str(loaded.path),
+        sha256=loaded.sha256,
         weights=weights,
-        method=cfg.method.name,
-        source={"checkpoint": str(Path(state["_path"]).resolve()), "weights": weights},
+        method=loaded.config.method.name,
+        source={"checkpoint": str(loaded.path.resolve()), "weights": weights},
     )
 
 

@@ -27,6 +27,7 @@ from clipkit.data.tarscan import TarStopped, shard_samples
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from clipkit.fileio import guard_output_file, write_output_file
+from clipkit.methods.restore import WEIGHTS, load_method
 
 ACLIP_FAMILY = ("aclip", "aclip-eff", "attmask-high")  # methods with a teacher-driven token choice
 
@@ -125,23 +126,15 @@ def load_aclip_method(checkpoint_path: str | Path, weights: str = "ema", device:
     teacher slot), to compare what the trained encoder attends to with what the EMA chose.
     Raises ConfigError when the checkpoint was not trained with an A-CLIP-family method.
     """
-    from clipkit import checkpoint, methods
-    from clipkit.config import Config
-    from clipkit.models import factory
-
-    state = checkpoint.load(checkpoint_path, map_location="cpu")
-    cfg = Config.from_dict(state["config"])
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights must be online or ema, not '{weights}'")
+    loaded = load_method(checkpoint_path, weights, map_location="cpu")
+    cfg, method = loaded.config, loaded.method
     if cfg.method.name not in ACLIP_FAMILY:
         raise ConfigError(
-            f"{state['_path']} was trained with method '{cfg.method.name}'; masks exist only for "
+            f"{loaded.path} was trained with method '{cfg.method.name}'; masks exist only for "
             f"{', '.join(ACLIP_FAMILY)} checkpoints"
         )
-    if weights not in ("online", "ema"):
-        raise ConfigError(f"--weights must be online or ema, not '{weights}'")
-    model = factory.build_from_arch(cfg.model.arch)
-    model.load_state_dict(state["model"])
-    method = methods.build(cfg.method, model)
-    method.load_extra_state(state["method_state"])
     if weights == "online" and method.teacher_visual is not None:
         method.teacher_visual.load_state_dict(method.model.visual.state_dict())
     return method.to(device).eval(), cfg

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from clipkit.fileio import atomic_write_bytes
+from clipkit.run_dir import RunDir
 
 log = logging.getLogger("clipkit")
 
@@ -16,13 +17,13 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(RunDir(run_dir).tensorboard))
             except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
                 log.warning("tensorboard not installed: no event files")
 

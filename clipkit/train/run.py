@@ -13,23 +13,17 @@ from pathlib import Path
 import torch
 
 from clipkit import checkpoint
-from clipkit.config import Config, ConfigError, check_resume, load_yaml, save_yaml, validate
+from clipkit.config import Config, ConfigError, load_yaml, save_yaml, validate
 from clipkit.data.pipeline import DataPosition, build_loader
 from clipkit.data.tokenize import build_tokenizer
+from clipkit.devices import pick_device
 from clipkit.distributed import DistInfo
+from clipkit.methods.base import Method
+from clipkit.methods.restore import LoadedMethod, load_method, restore_optimizer
+from clipkit.run_dir import RunDir
 from clipkit.train.logging import log
 from clipkit.train.run_lock import RunLock
 from clipkit.train.trainer import Trainer, TrainingError, TrainState
-
-
-def pick_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.enabled:
-        name = f"cuda:{dist.local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def set_threads(cfg: Config, dist: DistInfo) -> None:
@@ -40,11 +34,11 @@ def set_threads(cfg: Config, dist: DistInfo) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
-def total_steps(cfg: Config) -> int:
+def total_steps(cfg: Config, dist: DistInfo) -> int:
+    """--steps, or --samples over the global batch of every rank (not of this rank alone)."""
     if cfg.run.steps:
         return cfg.run.steps
-    dist_world = int(os.environ.get("WORLD_SIZE", 1))
-    global_batch = cfg.data.batch_size * dist_world * cfg.optim.accum_steps
+    global_batch = dist.global_batch(cfg.data.batch_size, cfg.optim.accum_steps)
     return max(1, math.ceil(cfg.run.samples / global_batch))
 
 
@@ -57,10 +51,10 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     a killed write left behind are removed either way.
     """
     run_dir = Path(cfg.run.out)
-    ckpts = run_dir / "checkpoints"
-    latest = ckpts / "latest.pt"
-    _remove_leftover_tmp(run_dir, ckpts)
-    steps = sorted((p for p in ckpts.glob("step-*.pt") if p.stem[5:].isdigit()), key=_step_of)
+    layout = RunDir(run_dir)
+    latest = layout.latest
+    _remove_leftover_tmp(run_dir, layout.checkpoints)
+    steps = layout.step_checkpoints()
     if resume and steps and not latest.is_file():  # killed between writing a step and linking
         log.warning("%s is missing; resuming from %s", latest, steps[-1].name)
         checkpoint.link_latest(steps[-1], latest)
@@ -83,20 +77,16 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
             "step 0 (its metrics.jsonl, tensorboard/ and curves.png are replaced)",
             run_dir,
         )
-        for name in ("metrics.jsonl", "curves.png"):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        for path in (layout.metrics, layout.curves):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(layout.tensorboard, ignore_errors=True)
     return run_dir
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem[5:])
 
 
 def _holds_run_config(run_dir: Path) -> bool:
     """Whether run_dir/config.yaml is a clipkit run config; refuse any other config.yaml (the
     directory is not a run of ours, so nothing there is replaced)."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         return False
     try:
@@ -147,20 +137,14 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
 
 
 def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
-    from clipkit import distributed, methods
+    from clipkit import distributed
     from clipkit.models import factory
     from clipkit.train.optim import build_optimizer
 
+    layout = RunDir(run_dir)
     device = pick_device(cfg.run.device, dist)
     set_threads(cfg, dist)
-    saved = checkpoint.load(run_dir, map_location="cpu") if resume else None
-    if saved is not None:
-        check_resume(cfg, saved["config"])
-        cfg.model.arch = saved["config"]["model"]["arch"]
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    model = factory.build(cfg.model)
-    method = methods.build(cfg.method, model).to(device)
+    saved, method = _build_method(cfg, run_dir if resume else None, device)
     preprocess = factory.preprocess(cfg.model.arch)
     tokenizer = build_tokenizer(preprocess)
     dist = distributed.init(device)
@@ -168,7 +152,7 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
         state = TrainState()
         optimizer = build_optimizer(method, cfg.optim, device)
         if saved is not None:
-            state = _restore(saved, method, optimizer, dist, cfg.data.workers)
+            state = _restore(saved, optimizer, dist, cfg.data.workers)
         loader, info = build_loader(
             cfg.data,
             preprocess,
@@ -180,7 +164,7 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
             pin_memory=device.type == "cuda",
         )
         if dist.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
+            save_yaml(cfg, layout.config)
             log.info(
                 "data: %d shard(s), %d samples/epoch, %d batches/epoch per rank",
                 len(info.urls),
@@ -188,7 +172,7 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
                 info.batches_per_epoch,
             )
         trainer = Trainer(
-            cfg, method, optimizer, loader, total_steps(cfg), dist, device, run_dir, state
+            cfg, method, optimizer, loader, total_steps(cfg, dist), dist, device, run_dir, state
         )
         summary = trainer.fit()
     except torch.distributed.DistError as e:
@@ -205,22 +189,30 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
     finally:
         distributed.cleanup()
     summary["run_dir"] = str(run_dir)
-    summary["checkpoint"] = str(run_dir / "checkpoints" / "latest.pt")
-    summary["curves"] = str(run_dir / "curves.png")
+    summary["checkpoint"] = str(layout.latest)
+    summary["curves"] = str(layout.curves)
     return summary
 
 
-def _restore(saved: dict, method, optimizer, dist: DistInfo, workers: int) -> TrainState:
-    try:
-        method.model.load_state_dict(saved["model"])
-        method.load_extra_state(saved["method_state"])
-        optimizer.load_state_dict(saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise checkpoint.CheckpointError(
-            f"{saved.get('_path', 'the checkpoint')} does not fit the model and optimizer built "
-            f"from its config ({first})"
-        ) from None
+def _build_method(
+    cfg: Config, resume_from: Path | None, device: torch.device
+) -> tuple[LoadedMethod | None, Method]:
+    """The method to train, seeded; on resume rebuilt from the checkpoint (also returned)."""
+    from clipkit import methods
+    from clipkit.models import factory
+
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    if resume_from is None:
+        return None, methods.build(cfg.method, factory.build(cfg.model)).to(device)
+    saved = load_method(resume_from, run_config=cfg)
+    return saved, saved.method.to(device)
+
+
+def _restore(loaded: LoadedMethod, optimizer, dist: DistInfo, workers: int) -> TrainState:
+    """The optimizer, data position and RNG of a resumed run (its weights are in `loaded`)."""
+    restore_optimizer(loaded.checkpoint, optimizer)
+    saved = loaded.checkpoint.state
     positions = saved["data_position"]
     saved_workers = max(saved.get("workers", workers), 1)
     if saved.get("world_size", 1) != dist.world_size or saved_workers != max(workers, 1):

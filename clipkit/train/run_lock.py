@@ -20,8 +20,9 @@ import socket
 from pathlib import Path
 
 from clipkit.config import ConfigError
+from clipkit.run_dir import LOCK
 
-LOCK_NAME = ".lock"
+LOCK_NAME = LOCK
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _HELD: set[int] = set()  # lock fds of this process
 

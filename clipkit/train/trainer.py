@@ -19,6 +19,7 @@ from clipkit import checkpoint
 from clipkit.config import Config
 from clipkit.data.pipeline import DataPosition
 from clipkit.distributed import DistInfo
+from clipkit.run_dir import RunDir
 from clipkit.train.logging import RunLog, log, plot_curves
 from clipkit.train.optim import lr_at, set_lr
 
@@ -61,6 +62,7 @@ class Trainer:
         self.cfg, self.method, self.optimizer = cfg, method, optimizer
         self.loader, self.total_steps, self.dist = loader, total_steps, dist
         self.device, self.run_dir, self.state = device, run_dir, state
+        self.layout = RunDir(run_dir)
         self.engine = self._wrap_ddp(method)
         if cfg.run.compile:
             self.engine = torch.compile(self.engine)
@@ -69,7 +71,7 @@ class Trainer:
         self.stop_requested: str | None = None
         self.saved_step: int | None = state.step or None  # step of the newest checkpoint on disk
         self.waiting_for_data = False
-        self.global_batch = cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps
+        self.global_batch = dist.global_batch(cfg.data.batch_size, cfg.optim.accum_steps)
 
     # -- setup ---------------------------------------------------------------------------------
     def _wrap_ddp(self, method: nn.Module) -> nn.Module:
@@ -144,7 +146,7 @@ class Trainer:
                 progress.close()
             self.runlog.close()
         if self.dist.is_main:  # curves for preempted runs too
-            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+            plot_curves(self.layout.metrics, self.layout.curves)
         stopped = {"stopped_by": self.stop_requested} if self.stop_requested else {}
         return {**stopped, **self._summary()}
 
@@ -351,17 +353,16 @@ class Trainer:
             "workers": self.cfg.data.workers,
             "rng": self._rng_state(),
         }
-        ckpt_dir = self.run_dir / "checkpoints"
-        step_path = ckpt_dir / f"step-{self.state.step}.pt"
+        step_path = self.layout.step_checkpoint(self.state.step)
         try:
             checkpoint.save(state, step_path)
-            checkpoint.link_latest(step_path, ckpt_dir / "latest.pt")
+            checkpoint.link_latest(step_path, self.layout.latest)
         except OSError as e:  # full disk, quota, read-only: one line, latest.pt stays as it was
             raise TrainingError(
                 f"cannot write {step_path}: {e.strerror or e}; {self._checkpoint_note()}"
             ) from None
         self.saved_step = self.state.step
-        self._prune(ckpt_dir)
+        self._prune()
         return step_path
 
     def _checkpoint_note(self) -> str:
@@ -394,10 +395,9 @@ class Trainer:
                     f"not saving it ({self._checkpoint_note()})"
                 )
 
-    def _prune(self, ckpt_dir: Path) -> None:
+    def _prune(self) -> None:
         keep = self.cfg.run.keep_last
         if not keep:
             return
-        steps = sorted(ckpt_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        for old in steps[:-keep]:
+        for old in self.layout.step_checkpoints()[:-keep]:
             old.unlink(missing_ok=True)

@@ -1,0 +1,82 @@
+"""The layout of a training run directory, named once:
+
+    RUN/config.yaml              the resolved config of the run
+    RUN/metrics.jsonl            one JSON object per logged step
+    RUN/tensorboard/             TensorBoard events
+    RUN/curves.png               loss / lr curves
+    RUN/.lock                    held by the one process training into RUN
+    RUN/checkpoints/step-N.pt    the checkpoint of step N
+    RUN/checkpoints/latest.pt    a hard link to the newest step-N.pt
+
+Plain paths only (no torch): the lock, the logs, the checkpoint file format and the trainer all
+read their places from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.pt"
+STEP_PREFIX = "step-"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
+LOCK = ".lock"
+
+
+class RunDir:
+    """The paths of one run directory (nothing is created or checked here)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoints / LATEST
+
+    def step_checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{STEP_PREFIX}{step}.pt"
+
+    def step_checkpoints(self) -> list[Path]:
+        """Every checkpoints/step-N.pt, oldest step first (other names are not ours: skipped)."""
+        found = (p for p in self.checkpoints.glob(f"{STEP_PREFIX}*.pt") if step_of(p) is not None)
+        return sorted(found, key=step_of)
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def curves(self) -> Path:
+        return self.root / CURVES
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+
+def step_of(path: Path) -> int | None:
+    """N for a file named step-N.pt; None for any other name."""
+    digits = path.stem[len(STEP_PREFIX) :]
+    if not path.stem.startswith(STEP_PREFIX) or not digits.isdigit():
+        return None
+    return int(digits)
+
+
+def is_checkpoints_folder(folder: Path) -> bool:
+    """Whether `folder` is a run's checkpoints/ folder (by its name, as the layout fixes it)."""
+    return folder.name == CHECKPOINTS
