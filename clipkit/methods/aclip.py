@@ -129,7 +129,8 @@ class ACLIPMethod(Method):
     """
 
     name = "aclip"
-    has_unused_parameters = False
+    has_ema = True  # per instance: only when a teacher is kept (attentive choice or BYOL)
+    has_token_masks = True
 
     def __init__(
         self,
@@ -173,6 +174,7 @@ class ACLIPMethod(Method):
             self.teacher_projector = frozen_copy(self.byol_projector)
         needs_teacher = cfg.attentive or cfg.byol_weight > 0
         self.teacher_visual = frozen_copy(visual) if needs_teacher else None
+        self.has_ema = needs_teacher
         # Kept in state_dict so a resumed run knows where the schedule stood.
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_momentum_now", torch.tensor(float(cfg.ema_momentum)))
@@ -319,7 +321,6 @@ class FLIPMethod(Method):
     At evaluation the model sees every token (the plain open_clip forward)."""
 
     name = "flip"
-    has_unused_parameters = False  # every trainable parameter is on the loss path
 
     def __init__(self, cfg: MethodConfig, model: nn.Module):
         super().__init__(model)
@@ -351,21 +352,21 @@ def _heads(cfg: MethodConfig) -> dict:
     return {"ssl_hidden_dim": cfg.ssl_hidden_dim, "ssl_embed_dim": cfg.ssl_embed_dim}
 
 
-@register("aclip")
+@register("aclip", ACLIPMethod)
 def _build_aclip(cfg: MethodConfig, model) -> ACLIPMethod:
     return ACLIPMethod(cfg, model, **_heads(cfg))
 
 
-@register("aclip-eff")
+@register("aclip-eff", ACLIPMethod)
 def _build_aclip_eff(cfg: MethodConfig, model) -> ACLIPMethod:
     return _named(ACLIPMethod(cfg, model, teacher_resolution=0.5, **_heads(cfg)), "aclip-eff")
 
 
-@register("attmask-high")
+@register("attmask-high", ACLIPMethod)
 def _build_attmask_high(cfg: MethodConfig, model) -> ACLIPMethod:
     return _named(ACLIPMethod(cfg, model, keep_highest=False, **_heads(cfg)), "attmask-high")
 
 
-@register("flip")
+@register("flip", FLIPMethod)
 def _build_flip(cfg: MethodConfig, model) -> FLIPMethod:
     return FLIPMethod(cfg, model)

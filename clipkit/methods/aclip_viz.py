@@ -27,9 +27,8 @@ from clipkit.data.tarscan import TarStopped, shard_samples
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 from clipkit.fileio import guard_output_file, write_output_file
+from clipkit.methods import list_methods
 from clipkit.methods.restore import WEIGHTS, load_method
-
-ACLIP_FAMILY = ("aclip", "aclip-eff", "attmask-high")  # methods with a teacher-driven token choice
 
 VIEW_COLOURS = ("tab:orange", "tab:cyan", "tab:green", "tab:pink")
 
@@ -130,12 +129,12 @@ def load_aclip_method(checkpoint_path: str | Path, weights: str = "ema", device:
         raise ConfigError(f"--weights must be online or ema, not '{weights}'")
     loaded = load_method(checkpoint_path, weights, map_location="cpu")
     cfg, method = loaded.config, loaded.method
-    if cfg.method.name not in ACLIP_FAMILY:
+    if not method.has_token_masks:
         raise ConfigError(
             f"{loaded.path} was trained with method '{cfg.method.name}'; masks exist only for "
-            f"{', '.join(ACLIP_FAMILY)} checkpoints"
+            f"{', '.join(list_methods('has_token_masks'))} checkpoints"
         )
-    if weights == "online" and method.teacher_visual is not None:
+    if weights == "online" and method.has_ema:  # a teacher to load the online tower into
         method.teacher_visual.load_state_dict(method.model.visual.state_dict())
     return method.to(device).eval(), cfg
 

@@ -15,9 +15,22 @@ from clipkit.data.views import ViewSpec
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set `name`, build their modules and implement `forward`."""
+    """Base class. Subclasses set `name`, build their modules and implement `forward`.
+
+    Capabilities, declared here so callers read them instead of probing for attributes; a
+    subclass overrides the class value, or sets it per instance when its settings decide:
+    - `has_ema`: keeps EMA weights, so `eval_model("ema")` works (and export can use them).
+    - `has_unused_parameters`: some trainable parameter gets no gradient on some steps, so DDP
+      must look for unused parameters (slower; off unless a method needs it).
+    - `has_token_masks`: chooses which image tokens the online views keep (teacher attention
+      or random blocks), so `clipkit inspect masks` can draw the choice (the A-CLIP family).
+    - `views`: the image views each sample is turned into (a `ViewSpec`).
+    """
 
     name: str = "base"
+    has_ema: bool = False
+    has_unused_parameters: bool = False
+    has_token_masks: bool = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -40,6 +53,10 @@ class Method(nn.Module):
         if which != "online":
             raise ValueError(f"method '{self.name}' keeps no '{which}' weights; use 'online'")
         return self.model
+
+    def ema_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with the EMA weights in place (export); only where `has_ema`."""
+        raise ValueError(f"method '{self.name}' keeps no EMA weights")
 
     def extra_state(self) -> dict:
         """Method state beyond the model's weights (EMA weights, momentum step...)."""

@@ -20,6 +20,6 @@ class CLIPMethod(Method):
         return loss, {"clip_loss": loss.detach(), "logit_scale": out["logit_scale"].detach()}
 
 
-@register("clip")
+@register("clip", CLIPMethod)
 def _build(cfg: MethodConfig, model) -> CLIPMethod:
     return CLIPMethod(model)

@@ -45,13 +45,12 @@ class LoadedMethod:
 
     def model(self) -> nn.Module:
         """The model with the chosen weights; a checkpoint without EMA weights refuses 'ema'."""
-        try:
-            return self.method.eval_model(self.weights)
-        except ValueError:
+        if self.weights == "ema" and not self.method.has_ema:
             raise ConfigError(
                 f"--weights ema: the '{self.config.method.name}' checkpoint {self.path} keeps no "
                 "EMA weights (only A-CLIP does); use --weights online"
-            ) from None
+            )
+        return self.method.eval_model(self.weights)
 
 
 def load_method(

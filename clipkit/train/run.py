@@ -18,6 +18,7 @@ from clipkit.data.pipeline import DataPosition, build_loader
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.devices import pick_device
 from clipkit.distributed import DistInfo
+from clipkit.methods import check_name
 from clipkit.methods.base import Method
 from clipkit.methods.restore import LoadedMethod, load_method, restore_optimizer
 from clipkit.run_dir import RunDir
@@ -128,6 +129,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     from clipkit import distributed
 
     validate(cfg)
+    check_name(cfg.method.name)  # the config layer cannot see the registry; before any write
     dist = distributed.env_info()
     # Only the main rank writes into the run directory, so only it takes the lock; it does so
     # before anything is written, which also proves the directory writable before any work.
