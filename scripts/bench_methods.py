@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("clip", "flip", "aclip", "aclip-eff", "attmask-high")
+from clipkit.methods import list_methods
+
+# Every registered method, CLIP first (the ratios are against it).
+METHODS = ("clip", *(name for name in list_methods() if name != "clip"))
 TARGETS = {"flip": "well under 1x (50% removed)", "aclip": "<= 1.16x", "aclip-eff": "<= 0.86x"}
 
 

@@ -33,7 +33,7 @@ FLAGS = [
         "--method",
         "method.name",
         str,
-        "Training method: clip (default), flip, aclip, aclip-eff, attmask-high.",
+        "Training method: {methods}; a method registered with clipkit.methods.register works too.",
     ),
     (
         "--pretrained",
@@ -186,9 +186,24 @@ def _dest(path: str) -> str:
     return path.replace(".", "__")
 
 
+class _RegistryHelpOption(click.Option):
+    """An option whose help names the registered methods, read only when help is shown (the
+    registry imports torch, which `clipkit --help` must not wait for)."""
+
+    def get_help_record(self, ctx):
+        if self.help and "{methods}" in self.help:
+            from clipkit.methods import list_methods
+
+            others = [n for n in list_methods() if n != "clip"]
+            self.help = self.help.format(methods=", ".join(["clip (default)", *others]))
+        return super().get_help_record(ctx)
+
+
 def _options(fn):
     for flag, path, type_, help_ in reversed(FLAGS):
-        fn = click.option(flag, _dest(path), type=type_, default=None, help=help_)(fn)
+        fn = click.option(
+            flag, _dest(path), type=type_, default=None, help=help_, cls=_RegistryHelpOption
+        )(fn)
     for flag, path, help_ in reversed(SWITCHES):
         fn = click.option(flag, _dest(path), default=None, help=help_)(fn)
     return fn
