@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "clip"  # clip | flip | aclip | aclip-eff | attmask-high
+    name: str = "clip"  # a registered method: clipkit.methods.list_methods()
     mask_ratio: float = 0.5  # FLIP: share of patch tokens removed at random
     keep_ratio: float = 0.5  # A-CLIP: share of 2x2 patch blocks kept
     num_views: int = 2  # A-CLIP: online views per sample
