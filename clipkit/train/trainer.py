@@ -88,7 +88,7 @@ class Trainer:
         return DDP(
             method,
             device_ids=ids,
-            find_unused_parameters=getattr(method, "has_unused_parameters", False),
+            find_unused_parameters=method.has_unused_parameters,
         )
 
     def _autocast(self):
