@@ -104,6 +104,17 @@ def _sweep(
     return sweep
 
 
+def _held_vectors(index: faiss.Index, vectors: Any) -> np.ndarray:
+    """`vectors` as a matrix, checked to be the rows `index` holds (ground truth needs them)."""
+    x = _as_matrix(vectors)
+    if len(x) != index.ntotal or x.shape[1] != index.d:
+        raise IndexMismatchError(
+            f"tune_index needs the {index.ntotal} x {index.d} vectors the index holds, "
+            f"got {x.shape[0]} x {x.shape[1]}"
+        )
+    return x
+
+
 def tune_index(
     index: faiss.Index,
     vectors: Any,
@@ -127,12 +138,7 @@ def tune_index(
     The index is left set to the chosen value. Latencies: batched search time / queries, and
     the median of single-query searches over up to 100 queries.
     """
-    x = _as_matrix(vectors)
-    if len(x) != index.ntotal or x.shape[1] != index.d:
-        raise IndexMismatchError(
-            f"tune_index needs the {index.ntotal} x {index.d} vectors the index holds, "
-            f"got {x.shape[0]} x {x.shape[1]}"
-        )
+    x = _held_vectors(index, vectors)
     k = min(k, int(index.ntotal))
     q = _tuning_queries(x, queries, n_queries, seed, query_noise)
     if q.shape[1] != index.d:
