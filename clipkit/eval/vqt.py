@@ -272,6 +272,33 @@ def predict(probe: VQTProbe, visual, data: ClassificationSet, *, device, batch_s
     return torch.cat(logits), torch.cat(labels)
 
 
+def _check_probe_args(loaded, num_queries: int, epochs: int) -> None:
+    if not isinstance(loaded.model.visual, VisionTransformer):
+        raise ConfigError(
+            f"--method vqt needs a ViT image tower, got {type(loaded.model.visual).__name__}"
+        )
+    if num_queries < 0 or epochs < 1:
+        raise ConfigError("--vqt-queries must be >= 0 and --vqt-epochs >= 1")
+
+
+def _probe_extra(
+    train: ClassificationSet, test: ClassificationSet, fit: dict[str, Any], seed: int, vqt: dict
+) -> dict[str, Any]:
+    """The record fields beyond the metrics: where the data came from and how the probe ran."""
+    return {
+        "probe_method": "vqt",
+        "data_root": train.root,
+        "train_split": train.split,
+        "test_split": test.split,
+        "num_train": fit["num_train"],
+        "num_classes": len(train.classnames),
+        "classnames": list(train.classnames),
+        "templates": None,
+        "seed": seed,
+        "vqt": {**vqt, "train_loss": fit["train_loss"]},
+    }
+
+
 def run_vqt_probe(
     loaded,
     train: ClassificationSet,
@@ -289,53 +316,28 @@ def run_vqt_probe(
 ) -> dict[str, Any]:
     """Train a VQT probe on `train`, score `test`: `lp_acc1`, `lp_acc5`,
     `lp_mean_per_class_recall` (CLIP_benchmark's linear-probe names) in a results record."""
-    if not isinstance(loaded.model.visual, VisionTransformer):
-        raise ConfigError(
-            f"--method vqt needs a ViT image tower, got {type(loaded.model.visual).__name__}"
-        )
-    if num_queries < 0 or epochs < 1:
-        raise ConfigError("--vqt-queries must be >= 0 and --vqt-epochs >= 1")
+    _check_probe_args(loaded, num_queries, epochs)
     visual = freeze(loaded.model).visual
     torch.manual_seed(seed)
     probe = VQTProbe.for_tower(visual, num_queries, len(train.classnames)).to(device)
     opts = dict(device=device, batch_size=batch_size, workers=workers)
+    hyper = dict(epochs=epochs, lr=lr, weight_decay=weight_decay)
     fit = train_vqt(
-        probe,
-        visual,
-        train,
-        **opts,
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_bad_fraction=max_bad_fraction,
+        probe, visual, train, **opts, **hyper, seed=seed, max_bad_fraction=max_bad_fraction
     )
     logits, labels = predict(probe, visual, test, **opts)
     metrics = classification_metrics(logits, labels)
+    settings = {
+        "num_queries": num_queries,
+        **hyper,
+        "batch_size": batch_size,
+        "trainable_parameters": sum(p.numel() for p in probe.parameters()),
+    }
     return results_dict(
         dataset=train.name,
         loaded=loaded,
         task="linear_probe",
         metrics={f"lp_{name}": value for name, value in metrics.items()},
         num_samples=len(labels),
-        extra={
-            "probe_method": "vqt",
-            "data_root": train.root,
-            "train_split": train.split,
-            "test_split": test.split,
-            "num_train": fit["num_train"],
-            "num_classes": len(train.classnames),
-            "classnames": list(train.classnames),
-            "templates": None,
-            "seed": seed,
-            "vqt": {
-                "num_queries": num_queries,
-                "epochs": epochs,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "batch_size": batch_size,
-                "trainable_parameters": sum(p.numel() for p in probe.parameters()),
-                "train_loss": fit["train_loss"],
-            },
-        },
+        extra=_probe_extra(train, test, fit, seed, settings),
     )

@@ -20,6 +20,7 @@ from clipkit.config import Config
 from clipkit.data.pipeline import DataPosition
 from clipkit.distributed import DistInfo
 from clipkit.run_dir import RunDir
+from clipkit.train.bad_data import bad_counts, too_many_bad
 from clipkit.train.logging import RunLog, log, plot_curves
 from clipkit.train.optim import lr_at, set_lr
 
@@ -281,39 +282,14 @@ class Trainer:
 
     def _bad_counts(self) -> tuple[int, int]:
         """(bad, bad + good) over all ranks."""
-        from clipkit.distributed import all_reduce_mean
-
-        bad = sum(self.state.bad.values())
-        good = self.state.position.batches * self.cfg.data.batch_size
-        t = torch.tensor([bad, bad + good], dtype=torch.float64)
-        t = all_reduce_mean(t) * self.dist.world_size
-        return int(t[0]), int(t[1])
+        batches, batch_size = self.state.position.batches, self.cfg.data.batch_size
+        return bad_counts(self.state.bad, batches, batch_size, self.dist)
 
     def _check_bad_fraction(self, bad: int, seen: int) -> None:
         limit = self.cfg.data.max_bad_fraction
-        if seen < 100 or bad / seen <= limit:
-            return
-        reasons, shards = self._gather_bad()
-        worst = ", ".join(f"{Path(s).name} ({n})" for s, n in shards.most_common(3))
-        raise TrainingError(
-            f"{bad} of {seen} samples were unusable ({bad / seen:.1%} > --max-bad-fraction "
-            f"{limit:.1%}); reasons {dict(reasons)}; worst shards: {worst}"
-        )
-
-    def _gather_bad(self) -> tuple[Counter, Counter]:
-        """Bad-sample reasons and shards over all ranks (only when about to stop)."""
-        mine = (dict(self.state.bad), dict(self.state.bad_shards))
-        parts = [mine]
-        if self.dist.enabled:
-            import torch.distributed as tdist
-
-            parts = [None] * self.dist.world_size
-            tdist.all_gather_object(parts, mine)
-        reasons, shards = Counter(), Counter()
-        for r, s in parts:
-            reasons.update(r)
-            shards.update(s)
-        return reasons, shards
+        problem = too_many_bad(bad, seen, limit, self.state.bad, self.state.bad_shards, self.dist)
+        if problem is not None:
+            raise TrainingError(problem)
 
     def _agree_to_stop(self) -> bool:
         """A signal on any rank stops every rank at the same step."""
