@@ -27,7 +27,7 @@ $CK zero-shot demo --data-root "$OUT/data" --task shape --checkpoint "$RUN" \
   --output "$OUT/zeroshot_shape.json"
 $CK zero-shot demo --data-root "$OUT/data" --task colour --checkpoint "$RUN" \
   --output "$OUT/zeroshot_colour.json"
-$CK retrieve index --checkpoint "$RUN" --data "$OUT/data/eval" --out "$OUT/index"
+$CK retrieve index --checkpoint "$RUN" --data "$OUT/data/eval" --out "$OUT/index" --overwrite
 $CK retrieve search --index "$OUT/index" --text "a large red circle" -k 8 \
   --html "$OUT/gallery.html"
 $CK retrieve eval --checkpoint "$RUN" --data "$OUT/data/eval" --output "$OUT/retrieval.json"
