@@ -12,7 +12,6 @@ The folder is written under a temporary name and renamed into place when complet
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError
 from clipkit.fileio import follow_umask, guard_output_dir, output_dir
 from clipkit.methods.restore import LoadedMethod, load_method
+from clipkit.models import factory
 
 CONFIG_NAME = "open_clip_config.json"
 KIND = "export"  # the marker clipkit leaves in the folders it exports
@@ -49,17 +49,8 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def open_clip_config(arch: dict) -> dict[str, Any]:
-    from clipkit.models import factory
-
-    pp = factory.preprocess_cfg(arch)
-    preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()}
-    model_cfg = copy.deepcopy(arch["model_cfg"])
-    pool = arch.get("image_pool", "cls")
-    if pool != "cls":  # only poolings open_clip has (avg) export; the rest raise a clear error
-        from clipkit.models.pooling import open_clip_pool_type
-
-        model_cfg["vision_cfg"]["pool_type"] = open_clip_pool_type(pool)
-    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+    """The `open_clip_config.json` body (ConfigError for a model open_clip has no class for)."""
+    return factory.export_config(arch)
 
 
 def export_open_clip(
@@ -75,14 +66,10 @@ def export_open_clip(
         out, KIND, inputs=ckpt.input_paths(checkpoint), overwrite=overwrite, command="export"
     )
     loaded = load_method(checkpoint, weights, map_location="cpu")
-    arch = loaded.config.model.arch
-    if arch.get("family") != "open_clip":
-        raise ConfigError(
-            f"{loaded.path}: a '{arch.get('family')}' model cannot be exported to open_clip "
-            "(MS-CLIP shares one Transformer between image and text; open_clip has no such "
-            "model). Evaluate it with --checkpoint instead"
-        )
-    config = open_clip_config(arch)  # before writing anything: unexportable poolings fail here
+    try:  # before writing anything: unexportable families and poolings fail here
+        config = open_clip_config(loaded.config.model.arch)
+    except ConfigError as e:
+        raise ConfigError(f"{loaded.path}: {e}") from None
     tensors = _state_dict(loaded)
     with output_dir(out, KIND) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -78,7 +78,7 @@ def test_shared_parameters_get_their_own_lr_and_wd():
     cfg = OptimConfig(lr=1e-3, shared_lr=1e-4, shared_weight_decay=0.0, weight_decay=0.2)
     method = methods.build(MethodConfig(name="clip"), model)
     for module in (model, method):  # the trainer hands the optimizer the method
-        groups = param_groups(module, cfg)
+        groups = param_groups(module, cfg, shared)
         ids = [id(p) for g in groups for p in g["params"]]
         assert len(ids) == len(set(ids)) == len(list(model.parameters()))
         low = [g for g in groups if g["lr_mult"] != 1.0]
@@ -88,7 +88,9 @@ def test_shared_parameters_get_their_own_lr_and_wd():
 
     # with a non-zero shared decay, the shared biases still get none
     cfg = OptimConfig(lr=1e-3, shared_lr=1e-4, shared_weight_decay=0.3, weight_decay=0.2)
-    by_key = {(g["lr_mult"], g["weight_decay"]): g["params"] for g in param_groups(model, cfg)}
+    by_key = {
+        (g["lr_mult"], g["weight_decay"]): g["params"] for g in param_groups(model, cfg, shared)
+    }
     assert sorted(by_key) == [(0.1, 0.0), (0.1, 0.3), (1.0, 0.0), (1.0, 0.2)]
     assert len(by_key[(0.1, 0.3)]) == 12 and all(p.ndim == 2 for p in by_key[(0.1, 0.3)])
     assert len(by_key[(0.1, 0.0)]) == 12 and all(p.ndim == 1 for p in by_key[(0.1, 0.0)])

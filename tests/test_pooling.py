@@ -19,7 +19,6 @@ from clipkit.models.pooling import (
     AttentionPool,
     GeMPool,
     GGeMPool,
-    apply_image_pool,
     get_pooling,
     list_poolings,
     open_clip_pool_type,
@@ -156,9 +155,9 @@ def test_registry_lists_itself_and_rejects_unknown_names():
 def test_non_vit_towers_accept_only_cls():
     model = nn.Module()
     model.visual = nn.Conv2d(3, 8, 3)  # stands in for a timm / ResNet tower
-    assert apply_image_pool(model, "cls") is model
+    assert factory._apply_pool(model, {"family": "open_clip", "image_pool": "cls"}) is model
     with pytest.raises(ConfigError, match="needs a ViT image tower.*Conv2d"):
-        apply_image_pool(model, "gem")
+        factory._apply_pool(model, {"family": "open_clip", "image_pool": "gem"})
 
 
 def test_avg_equals_open_clip_pool_type_avg_so_it_exports():

@@ -166,9 +166,10 @@ def test_lock_errors():
     msclip = factory.list_models()["msclip"]
     if not msclip:
         pytest.skip("no MS-CLIP presets")
-    model = factory.build_from_arch(factory.resolve_arch(ModelConfig(name=msclip[0])))
+    arch = factory.resolve_arch(ModelConfig(name=msclip[0]))
+    model = factory.build_from_arch(arch)
     with pytest.raises(ConfigError, match="shares parameters"):
-        lock_towers(model, ModelConfig(name=msclip[0], lock_image=True))
+        lock_towers(model, ModelConfig(name=msclip[0], lock_image=True, arch=arch))
 
 
 def test_lock_image_pretrain_keeps_image_weights(demo_root, tmp_path):

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from clipkit import checkpoint as ckpt
-from clipkit.config import ConfigError
+from clipkit.config import ConfigError, ModelConfig
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.transforms import eval_transform
 from clipkit.devices import pick_device  # noqa: F401  (the CLI's evaluation commands import it here)
 from clipkit.methods.restore import WEIGHTS, load_method
+from clipkit.models import factory
+from clipkit.models.family import local_dir_name, parse_model_name
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ class LoadedModel:
 
 
 def _from_checkpoint(path: str, weights: str) -> LoadedModel:
-    from clipkit.models import factory
-
     loaded = load_method(path, weights)
     arch = loaded.config.model.arch
     return LoadedModel(
@@ -63,18 +63,14 @@ def _from_checkpoint(path: str, weights: str) -> LoadedModel:
 
 
 def _from_open_clip(name: str, pretrained: str | None) -> LoadedModel:
-    from clipkit.config import ModelConfig
-    from clipkit.models import factory
-
     cfg = ModelConfig(name=name, pretrained=pretrained)
     model = factory.build(cfg)
-    weights_file = pretrained
-    if weights_file is None and name.startswith("local-dir:"):
-        weights_file = factory._local_dir_weights(Path(name[len("local-dir:") :]))
+    weights_file = pretrained if pretrained is not None else factory.default_weights(name)
     if weights_file is None:
         log.warning("model %s has random weights (no --pretrained file given)", name)
-    if name.startswith("local-dir:"):
-        name = "local-dir:" + str(Path(name[len("local-dir:") :]).resolve())
+    folder = parse_model_name(name).folder
+    if folder is not None:  # results and index dirs name the folder absolutely
+        name = local_dir_name(folder.resolve())
     return LoadedModel(
         model=model,
         preprocess=eval_transform(factory.preprocess(cfg.arch)),
@@ -96,9 +92,8 @@ def model_inputs(source: dict[str, Any]) -> list[Path]:
     paths: list[Path] = []
     if source.get("checkpoint"):
         paths += ckpt.input_paths(source["checkpoint"])
-    model = source.get("model") or ""
-    if model.startswith("local-dir:"):
-        folder = Path(model[len("local-dir:") :])
+    folder = parse_model_name(source.get("model") or "").folder
+    if folder is not None:
         paths.append(folder)
         if folder.is_dir():
             paths += [p for p in folder.iterdir() if p.is_file()]

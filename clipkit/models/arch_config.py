@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from clipkit.config import ConfigError
+from clipkit.models.family import family_of, get_family
 
 
 def read_json(path: Path) -> dict:
@@ -51,7 +52,7 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
-def _check_sizes(cfg, source: str, where: str = "") -> None:
+def check_sizes(cfg, source: str, where: str = "") -> None:
     """Every size in a model config, at any depth, is a positive integer (and mlp_ratio a
     positive number; None means unused): zero or negative sizes fail deep inside torch."""
     if not isinstance(cfg, dict):
@@ -62,60 +63,17 @@ def _check_sizes(cfg, source: str, where: str = "") -> None:
             raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
         if value is not None and key in _POSITIVE_FLOAT_KEYS and not _positive_number(value):
             raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
-        _check_sizes(value, source, name)
-
-
-def _check_open_clip(model_cfg: dict, source: str) -> None:
-    """What open_clip would only trip over later: a ViT grid that drops border pixels, widths
-    that do not split into heads (defaults as in open_clip's CLIPVisionCfg / CLIPTextCfg)."""
-    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-    if isinstance(vision.get("layers", 12), int) and "timm_model_name" not in vision:
-        size, patch = vision.get("image_size") or 224, vision.get("patch_size") or 16
-        sides = size if isinstance(size, (list, tuple)) else [size]
-        if any(side % patch for side in sides):
-            fit = max(patch, round(sides[0] / patch) * patch)
-            raise ConfigError(
-                f"{source}: image size {size} is not a multiple of the patch size {patch} "
-                f"(e.g. {fit} is)"
-            )
-        if (vision.get("width") or 768) % (vision.get("head_width") or 64):
-            raise ConfigError(f"{source}: vision width is not a multiple of head_width")
-    if "hf_model_name" not in text and (text.get("width") or 512) % (text.get("heads") or 8):
-        raise ConfigError(f"{source}: text width is not a multiple of heads")
+        check_sizes(value, source, name)
 
 
 def validate_arch(arch: dict, source: str) -> None:
-    """Refuse a resolved architecture (overrides applied) that cannot make a sound model."""
-    if arch["family"] == "msclip":
-        from clipkit.models.msclip import MSCLIPConfig
-
-        _check_sizes(arch["config"], source)
-        MSCLIPConfig.from_dict(arch["config"])  # its own checks, now with the overrides
-        return
-    _check_sizes(arch["model_cfg"], source)
-    _check_open_clip(arch["model_cfg"], source)
+    """Refuse a resolved architecture (overrides applied) that cannot make a sound model: sizes
+    first (the family's own checks would divide by them), then what its family refuses."""
+    family = family_of(arch)
+    check_sizes(family.config(arch), source)
+    family.validate(arch, source)
 
 
 def arch_from_json(data: dict, source: str) -> dict:
     """The architecture dict (family plus its config) a JSON model config describes."""
-    family = data.get("family", "open_clip")
-    if family == "msclip":
-        from clipkit.models.msclip import MSCLIPConfig
-
-        body = data.get("config", data)
-        if not isinstance(body, dict):
-            raise ConfigError(f"{source}: 'config' must be a JSON object")
-        body = {k: v for k, v in body.items() if k != "family"}
-        _check_sizes(body, source)  # before MSCLIPConfig's own checks divide by them
-        return {"family": "msclip", "config": MSCLIPConfig.from_dict(body).to_dict()}
-    model_cfg = data.get("model_cfg", data)
-    towers = ("vision_cfg", "text_cfg")
-    if not isinstance(model_cfg, dict) or not all(
-        isinstance(model_cfg.get(k), dict) for k in towers
-    ):
-        raise ConfigError(f"{source}: an open_clip model config needs 'vision_cfg' and 'text_cfg'")
-    return {
-        "family": "open_clip",
-        "model_cfg": model_cfg,
-        "preprocess_cfg": data.get("preprocess_cfg", {}),
-    }
+    return get_family(data.get("family", "open_clip")).from_json(data, source)

@@ -2,16 +2,14 @@
 file, or `local-dir:DIR` (an open_clip export). The resolved architecture is stored in the run
 config and in every checkpoint, so a checkpoint rebuilds its model with no other input.
 
-Families: `open_clip` (separate encoders, built with open_clip's own classes so weights export
-back to open_clip) and `msclip` (clipkit.models.msclip). The family is declared by the preset or
-the JSON (`"family": "msclip"`), never guessed from the name.
+What differs between kinds of model (open_clip's separate encoders, MS-CLIP's shared Transformer)
+is asked of the arch's family (clipkit.models.family); this module only sequences the steps. The
+family is declared by the preset or the JSON (`"family": "msclip"`), never guessed from the name.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import zipfile
 from pathlib import Path
 
 import torch
@@ -20,125 +18,70 @@ from torch import nn
 from clipkit.config import ConfigError, ModelConfig
 from clipkit.data.preprocess import Preprocess
 from clipkit.models.arch_config import arch_from_json, read_json, validate_arch
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _tiny(image: int, patch: int, width: int, layers: int, context: int, embed: int) -> dict:
-    heads = max(1, width // 32)
-    return {
-        "embed_dim": embed,
-        "vision_cfg": {
-            "image_size": image,
-            "patch_size": patch,
-            "width": width,
-            "layers": layers,
-            "head_width": width // heads,
-        },
-        "text_cfg": {
-            "context_length": context,
-            "vocab_size": 49408,
-            "width": width,
-            "heads": heads,
-            "layers": layers,
-        },
-    }
-
-
-# clipkit's own open_clip-family presets: CPU-sized ones for tests, the demo and benchmarks.
-PRESETS: dict[str, dict] = {
-    "test": _tiny(image=32, patch=8, width=32, layers=2, context=16, embed=32),
-    # The issue's reference architecture (image 32, patch 4, width 128, 4+4 layers, ctx 32).
-    "tiny": _tiny(image=32, patch=4, width=128, layers=4, context=32, embed=128),
-    "tiny-64": _tiny(image=64, patch=8, width=128, layers=4, context=32, embed=128),
-    "small-64": _tiny(image=64, patch=8, width=256, layers=6, context=32, embed=256),
-    # ViT-S/16 image tower with a 384-wide text tower: the CPU hardware-use benchmark's model.
-    "vit-s-16": {
-        "embed_dim": 384,
-        "vision_cfg": {
-            "image_size": 224,
-            "patch_size": 16,
-            "width": 384,
-            "layers": 12,
-            "head_width": 64,
-        },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 384,
-            "heads": 6,
-            "layers": 12,
-        },
-    },
-}
-
-
-def _timm_presets() -> dict[str, dict]:
-    from clipkit.models.timm_presets import TIMM_PRESETS
-
-    return TIMM_PRESETS
-
-
-def _msclip_presets() -> dict[str, dict]:
-    import importlib.util
-
-    if importlib.util.find_spec("clipkit.models.msclip") is None:
-        return {}
-    from clipkit.models import msclip
-
-    return {name: cfg.to_dict() for name, cfg in msclip.PRESETS.items()}
+from clipkit.models.family import (
+    LOCAL_DIR,
+    ModelFamily,
+    all_families,
+    family_of,
+    get_family,
+    parse_model_name,
+)
 
 
 def list_models() -> dict[str, list[str]]:
-    """Known names by source: clipkit presets (open_clip and MS-CLIP families) and open_clip's."""
-    import open_clip
+    """Known names by listing group: clipkit's presets of every family, then the names each
+    family's own library knows (open_clip's registry)."""
+    groups: dict[str, list[str]] = {}
+    for family in all_families():
+        for group, presets in family.preset_groups().items():
+            groups[group] = sorted(presets)
+    for family in all_families():
+        groups.update(family.external_names())
+    return groups
 
-    return {
-        "clipkit": sorted(PRESETS),
-        "timm towers": sorted(_timm_presets()),
-        "msclip": sorted(_msclip_presets()),
-        "open_clip": open_clip.list_models(),
-    }
+
+def _preset(name: str) -> dict | None:
+    for family in all_families():
+        for presets in family.preset_groups().values():
+            if name in presets:
+                return presets[name]
+    return None
+
+
+def _named_arch(name: str) -> dict:
+    """A preset of any family first, then the names each family's library knows."""
+    arch = _preset(name)
+    for family in all_families():
+        arch = arch or family.lookup(name)
+    if arch is None:
+        known = ", ".join(n for f in all_families() for g in f.preset_groups().values() for n in g)
+        raise ConfigError(
+            f"unknown model '{name}'. clipkit presets: {known}; open_clip names: see "
+            "`clipkit models`; or pass a JSON config file"
+        )
+    return arch
+
+
+def _json_arch(path: Path, name: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"model config file not found: {path}")
+    return arch_from_json(read_json(path), name)
 
 
 def resolve_arch(cfg: ModelConfig) -> dict:
     """The full architecture for `cfg.name` with image-size / context-length overrides applied."""
-    name = cfg.name
-    msclip = _msclip_presets()
-    timm = _timm_presets()
-    if name in PRESETS or name in timm:
-        arch = {
-            "family": "open_clip",
-            "model_cfg": copy.deepcopy(PRESETS.get(name) or timm[name]),
-            "preprocess_cfg": {},
-        }
-    elif name in msclip:
-        arch = {"family": "msclip", "config": msclip[name]}
-    elif name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:") :])
-        cfg_file = folder / "open_clip_config.json"
+    parsed = parse_model_name(cfg.name)
+    if parsed.source == LOCAL_DIR:
+        cfg_file = parsed.folder / "open_clip_config.json"
         if not cfg_file.is_file():
-            raise ConfigError(f"{name}: no open_clip_config.json in {folder}")
-        arch = arch_from_json(read_json(cfg_file), name)
-    elif name.endswith(".json"):
-        path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"model config file not found: {path}")
-        arch = arch_from_json(read_json(path), name)
+            raise ConfigError(f"{cfg.name}: no open_clip_config.json in {parsed.folder}")
+        arch = _json_arch(cfg_file, cfg.name)
+    elif parsed.source == "json":
+        arch = _json_arch(Path(parsed.ref), cfg.name)
     else:
-        import open_clip
-
-        oc = open_clip.get_model_config(name.replace("/", "-"))
-        if oc is None:
-            known = ", ".join(sorted(PRESETS) + sorted(msclip))
-            raise ConfigError(
-                f"unknown model '{name}'. clipkit presets: {known}; open_clip names: see "
-                "`clipkit models`; or pass a JSON config file"
-            )
-        arch = {"family": "open_clip", "model_cfg": copy.deepcopy(oc), "preprocess_cfg": {}}
+        arch = _named_arch(parsed.ref)
     _apply_overrides(arch, cfg)
-    validate_arch(arch, f"model {name}")
+    validate_arch(arch, f"model {cfg.name}")
     if cfg.image_pool != "cls":  # part of the architecture: pooling may carry weights
         arch["image_pool"] = cfg.image_pool
     if cfg.text_tower:
@@ -150,10 +93,7 @@ def resolve_arch(cfg: ModelConfig) -> dict:
 
 def _apply_overrides(arch: dict, cfg: ModelConfig) -> None:
     """--image-size / --context-length (validated with the rest by `validate_arch`)."""
-    if arch["family"] == "msclip":
-        vision = text = arch["config"]
-    else:
-        vision, text = arch["model_cfg"]["vision_cfg"], arch["model_cfg"]["text_cfg"]
+    vision, text = family_of(arch).tower_configs(arch)
     if cfg.image_size is not None:
         vision["image_size"] = cfg.image_size
     if cfg.context_length is not None:
@@ -166,10 +106,10 @@ def build_from_arch(arch: dict) -> nn.Module:
 
 
 def _build_checked(arch: dict) -> nn.Module:
-    """`_build_family`, with what the model classes raise on a config they cannot build (an
+    """The family's build, with what the model classes raise on a config they cannot build (an
     unknown key, a size they reject, no memory for it) as one ConfigError line."""
     try:
-        return _build_family(arch)
+        return family_of(arch).build(arch)
     except ConfigError:
         raise
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError, MemoryError) as e:
@@ -180,33 +120,13 @@ def _build_checked(arch: dict) -> nn.Module:
 
 
 def _apply_pool(model: nn.Module, arch: dict) -> nn.Module:
-    if arch.get("image_pool", "cls") != "cls":
-        from clipkit.models.pooling import apply_image_pool
+    pool = arch.get("image_pool", "cls")
+    if pool != "cls":
+        from clipkit.models.pooling import get_pooling
 
-        apply_image_pool(model, arch["image_pool"])
+        get_pooling(pool)  # an unknown name fails the same way for every family
+        family_of(arch).apply_image_pool(model, pool)
     return model
-
-
-def _build_family(arch: dict) -> nn.Module:
-    if "timm_model_name" in arch.get("model_cfg", {}).get("vision_cfg", {}):
-        # clipkit's tiny timm variants are registered names: needed in every process
-        from clipkit.models.timm_presets import register_timm_models
-
-        register_timm_models()
-    if arch["family"] == "msclip":
-        from clipkit.models.msclip import MSCLIP, MSCLIPConfig
-
-        return MSCLIP(MSCLIPConfig.from_dict(arch["config"]))
-    from open_clip.model import CLIP, CustomTextCLIP
-
-    model_cfg = copy.deepcopy(arch["model_cfg"])
-    custom = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg["text_cfg"]
-    if "hf_model_name" in model_cfg["text_cfg"]:
-        model_cfg["text_cfg"]["hf_model_pretrained"] = False
-    if "timm_model_name" in model_cfg["vision_cfg"]:
-        model_cfg["vision_cfg"]["timm_model_pretrained"] = False
-    cls = CustomTextCLIP if custom else CLIP
-    return cls(**model_cfg, output_dict=True)
 
 
 def build(cfg: ModelConfig) -> nn.Module:
@@ -214,11 +134,9 @@ def build(cfg: ModelConfig) -> nn.Module:
     arch = cfg.arch or resolve_arch(cfg)
     cfg.arch = arch
     model = _build_checked(arch)  # pooling is added after the weights: they never hold it
-    pretrained = cfg.pretrained
-    if pretrained is None and cfg.name.startswith("local-dir:"):
-        pretrained = _local_dir_weights(Path(cfg.name[len("local-dir:") :]))
+    pretrained = cfg.pretrained if cfg.pretrained is not None else default_weights(cfg.name)
     if pretrained:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, arch)
     if cfg.text_tower and not pretrained:
         from clipkit.models.towers import load_text_tower_weights
 
@@ -233,85 +151,38 @@ def build(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def _local_dir_weights(folder: Path) -> str | None:
-    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.pth"):
-        if (folder / name).is_file():
-            return str(folder / name)
-    return None
+def default_weights(name: str) -> str | None:
+    """The weights a model name brings with it: a `local-dir:` folder's weights file."""
+    folder = parse_model_name(name).folder
+    if folder is None:
+        return None
+    from clipkit.models.open_clip_family import local_dir_weights
+
+    found = local_dir_weights(folder)
+    return str(found) if found else None
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Load local open_clip weights (a state_dict file, .pt/.bin/.safetensors) into `model`."""
+def load_pretrained(model: nn.Module, path: str, arch: dict) -> None:
+    """Load local weights (a state_dict file, .pt/.bin/.safetensors, or a family's own layout
+    such as official MS-CLIP weights) into `model`, built from `arch`."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pretrained weights file not found: {p}")
-    if hasattr(model, "load_weights_file"):  # families with their own layouts (MS-CLIP)
-        model.load_weights_file(str(p))
-        return
-    check_weights_file(p)
-    from open_clip.factory import load_checkpoint
-
-    try:
-        load_checkpoint(model, str(p), strict=True, weights_only=True)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"weights in {p} do not fit this model: {first}") from None
-
-
-def check_weights_file(p: Path) -> None:
-    """Refuse, in one line, a weights file open_clip's loader would fail on with a traceback (a
-    pickle with code in it, with torch's advice to turn the safe load off; a text file; a
-    truncated file). Cheap: safetensors read only their header, zip archives are memory-mapped."""
-    from clipkit.checkpoint import CheckpointError, read_torch_file
-
-    if p.suffix in (".npz", ".npy"):  # big_vision weights: numpy refuses pickles itself
-        return
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                empty = not list(f.keys())
-        except Exception as e:  # safetensors raises its own types for every kind of damage
-            raise CheckpointError(
-                f"{p} is not a readable safetensors file ({type(e).__name__})"
-            ) from None
-    else:
-        obj = read_torch_file(p, "cpu", what="weights file", mmap=zipfile.is_zipfile(p))
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{p} holds no state_dict (a dict of tensors)")
-        empty = not obj
-    if empty:
-        raise CheckpointError(f"{p} holds no weights")
+    family_of(arch).load_weights(model, p)
 
 
 def image_size(arch: dict) -> int:
-    if arch["family"] == "msclip":
-        return int(arch["config"]["image_size"])
-    size = arch["model_cfg"]["vision_cfg"].get("image_size", 224)
+    size = family_of(arch).tower_configs(arch)[0].get("image_size", 224)
     return int(size if isinstance(size, int) else size[0])
 
 
 def context_length(arch: dict) -> int:
-    if arch["family"] == "msclip":
-        return int(arch["config"]["context_length"])
-    return int(arch["model_cfg"]["text_cfg"].get("context_length", 77))
+    return int(family_of(arch).tower_configs(arch)[1].get("context_length", 77))
 
 
 def preprocess_cfg(arch: dict) -> dict:
     """open_clip's PreprocessCfg fields for this model (size, mean, std, interpolation...)."""
-    pp = {
-        "size": image_size(arch),
-        "mean": OPENAI_MEAN,
-        "std": OPENAI_STD,
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-    if arch["family"] == "msclip":  # the official evaluation normalises with ImageNet stats
-        pp["mean"] = tuple(arch["config"].get("image_mean", OPENAI_MEAN))
-        pp["std"] = tuple(arch["config"].get("image_std", OPENAI_STD))
+    pp = family_of(arch).preprocess_defaults(arch)
     pp.update(arch.get("preprocess_cfg", {}) or {})
     pp["size"] = image_size(arch)
     return pp
@@ -320,7 +191,6 @@ def preprocess_cfg(arch: dict) -> dict:
 def preprocess(arch: dict) -> Preprocess:
     """What the data layer needs to feed this model: image preprocessing and tokenizer settings."""
     pp = preprocess_cfg(arch)
-    text_cfg = arch.get("model_cfg", {}).get("text_cfg", {})
     return Preprocess(
         image_size=pp["size"],
         mean=tuple(pp["mean"]),
@@ -328,30 +198,41 @@ def preprocess(arch: dict) -> Preprocess:
         interpolation=pp.get("interpolation"),
         resize_mode=pp.get("resize_mode"),
         context_length=context_length(arch),
-        hf_tokenizer_name=text_cfg.get("hf_tokenizer_name"),
+        hf_tokenizer_name=family_of(arch).tokenizer_name(arch),
     )
+
+
+def export_config(arch: dict) -> dict:
+    """open_clip's `open_clip_config.json` for this model (ConfigError: not exportable)."""
+    return family_of(arch).export_config(arch, preprocess_cfg(arch))
+
+
+def shared_parameters(model: nn.Module, arch: dict) -> list[nn.Parameter]:
+    """Parameters both modalities use (MS-CLIP), each once; [] for separate encoders."""
+    return family_of(arch).shared_parameters(model)
 
 
 def describe(cfg: ModelConfig) -> str:
     """Architecture summary with parameter counts per top-level module, without real weights."""
     arch = resolve_arch(cfg)
+    family: ModelFamily = family_of(arch)
     with torch.device("meta"):
         model = build_from_arch(arch)
-    lines = [f"model: {cfg.name}  (family: {arch['family']})"]
-    total = 0
+    lines = [f"model: {cfg.name}  (family: {family.name})"]
     for child_name, child in model.named_children():
         n = sum(p.numel() for p in child.parameters())
-        total += n
         lines.append(f"  {child_name:<24} {n:>14,d} params  ({type(child).__name__})")
     own = sum(p.numel() for p in model.parameters(recurse=False))
     if own:
         lines.append(f"  {'(top-level params)':<24} {own:>14,d} params")
     total = sum(p.numel() for p in model.parameters())
-    if hasattr(model, "shared_parameters"):
-        shared = sum(p.numel() for p in model.shared_parameters())
+    if not family.separate_towers:
+        shared = sum(p.numel() for p in family.shared_parameters(model))
         lines.append(f"  {'(shared by both towers)':<24} {shared:>14,d} params, counted once")
     lines.append(f"  {'total':<24} {total:>14,d} params")
     lines.append(f"  image size {image_size(arch)}, context length {context_length(arch)}")
-    body = arch.get("model_cfg") or arch.get("config")
-    lines.append("  config: " + json.dumps(body, sort_keys=True))
+    lines.append("  config: " + json.dumps(family.config(arch), sort_keys=True))
     return "\n".join(lines)
+
+
+__all__ = ["build", "build_from_arch", "get_family", "list_models", "preprocess", "resolve_arch"]

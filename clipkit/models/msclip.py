@@ -142,13 +142,9 @@ class MSCLIPConfig:
 
 
 _B32 = MSCLIPConfig()
-_TINY = MSCLIPConfig(
-    embed_dim=64,
-    image_size=32,
-    patch_size=8,
-    width=64,
-    layers=4,
-    heads=4,
+_TINY_SIZES = dict(embed_dim=64, image_size=32, patch_size=8, width=64, layers=4, heads=4)
+_TINY = MSCLIPConfig(  # CPU tests and the demo: 4 slots of width 64 on 32 px images
+    **_TINY_SIZES,
     context_length=16,
     stem_strides=(2, 2, 2, 1, 1),
     branch_strides=(2, 2, 2, 1, 1),

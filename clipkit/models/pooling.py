@@ -180,37 +180,23 @@ def _open_clip_heads(visual: nn.Module) -> int:
     return visual.transformer.resblocks[0].attn.num_heads
 
 
-def apply_image_pool(model: nn.Module, name: str) -> nn.Module:
-    """Give `model.visual` the pooling `name` in place (and return `model`).
-
-    open_clip `VisionTransformer`: the module goes to `visual.image_pool` and this instance's
-    `_pool` (which `forward`, `forward_intermediates` and clipkit's `forward_kept` all call) is
-    replaced by a bound method, so the class and every other state_dict key stay open_clip's.
-    MS-CLIP: `MSCLIPVisual.image_pool`. Any other tower: ConfigError unless `name` is 'cls'.
-    """
+def pool_open_clip_vit(visual: nn.Module, name: str) -> None:
+    """Give an open_clip `VisionTransformer` the pooling `name` in place: the module goes to
+    `visual.image_pool` and this instance's `_pool` (which `forward`, `forward_intermediates` and
+    clipkit's `forward_kept` all call) is replaced by a bound method, so the class and every
+    other state_dict key stay open_clip's. Any other tower: ConfigError."""
     from open_clip.transformer import VisionTransformer
 
-    from clipkit.models.msclip import MSCLIPVisual
-
-    get_pooling(name)
-    if name == "cls":
-        return model
-    visual = getattr(model, "visual", None)
-    if isinstance(visual, VisionTransformer):
-        if visual.attn_pool is not None:
-            raise ConfigError(
-                f"image pooling '{name}' cannot replace this tower's open_clip attentional pooler; "
-                "use --image-pool cls"
-            )
-        width = visual.ln_post.normalized_shape[0]
-        visual.image_pool = build_pool(name, width, _open_clip_heads(visual))
-        visual._pool = types.MethodType(_pool_patch_tokens, visual)
-    elif isinstance(visual, MSCLIPVisual):
-        width = visual.ln_post.weight.shape[0]
-        visual.image_pool = build_pool(name, width, visual.heads)
-    else:
+    if not isinstance(visual, VisionTransformer):
         raise ConfigError(
             f"image pooling '{name}' needs a ViT image tower (open_clip VisionTransformer or "
             f"MS-CLIP); this model's image tower is {type(visual).__name__}; use --image-pool cls"
         )
-    return model
+    if visual.attn_pool is not None:
+        raise ConfigError(
+            f"image pooling '{name}' cannot replace this tower's open_clip attentional pooler; "
+            "use --image-pool cls"
+        )
+    width = visual.ln_post.normalized_shape[0]
+    visual.image_pool = build_pool(name, width, _open_clip_heads(visual))
+    visual._pool = types.MethodType(_pool_patch_tokens, visual)

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from clipkit.config import ConfigError, ModelConfig
+from clipkit.models.family import family_of
 
 HF_PREFIX = "hf:"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
@@ -47,7 +48,7 @@ def apply_text_tower(arch: dict, spec: str) -> None:
     over non-pad tokens and an MLP projection, as open_clip's HF configs use.
     """
     folder = text_tower_dir(spec)
-    if arch["family"] != "open_clip":
+    if not family_of(arch).hf_text_tower:
         raise ConfigError(f"--text-tower needs an open_clip-family model, not {arch['family']}")
     try:
         hf_cfg = json.loads((folder / "config.json").read_text())
@@ -100,7 +101,7 @@ def load_text_tower_weights(model: nn.Module, spec: str) -> None:
 
 def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
     """Freeze the image and/or text tower as `cfg.lock_*` asks (LiT, arXiv 2111.07991)."""
-    if hasattr(model, "shared_parameters") and any(True for _ in model.shared_parameters()):
+    if not family_of(cfg.arch).separate_towers:
         raise ConfigError(
             "--lock-image/--lock-text: this model shares parameters between its towers "
             "(MS-CLIP), so one tower cannot be locked without the other"

@@ -152,7 +152,8 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
     dist = distributed.init(device)
     try:
         state = TrainState()
-        optimizer = build_optimizer(method, cfg.optim, device)
+        shared = factory.shared_parameters(method.model, cfg.model.arch)
+        optimizer = build_optimizer(method, cfg.optim, device, shared)
         if saved is not None:
             state = _restore(saved, optimizer, dist, cfg.data.workers)
         loader, info = build_loader(
