@@ -78,22 +78,22 @@ TIMM_PRESETS: dict[str, dict] = {
 }
 
 
-def _model_class(family: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """timm's class for `family` and its constructor kwargs for a TEST_IMAGE_SIZE instance."""
+def _model_class(timm_class: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """timm's class for `timm_class` and its constructor kwargs for a TEST_IMAGE_SIZE instance."""
     size = TEST_IMAGE_SIZE
-    if family == "pit":
+    if timm_class == "pit":
         from timm.models.pit import PoolingVisionTransformer
 
         return PoolingVisionTransformer, dict(kwargs, img_size=size)
-    if family == "tnt":
+    if timm_class == "tnt":
         from timm.models.tnt import TNT
 
         return TNT, dict(kwargs, img_size=size)
-    if family == "convnextv2":
+    if timm_class == "convnextv2":
         from timm.models.convnext import ConvNeXt
 
         return ConvNeXt, dict(kwargs)
-    if family == "mvitv2":
+    if timm_class == "mvitv2":
         from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
         return MultiScaleVit, {"cfg": MultiScaleVitCfg(**kwargs), "img_size": (size, size)}
@@ -102,7 +102,7 @@ def _model_class(family: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, An
     return VisionTransformer, dict(kwargs, img_size=size)
 
 
-def _entrypoint(name: str, family: str, kwargs: dict[str, Any]):
+def _entrypoint(name: str, timm_class: str, kwargs: dict[str, Any]):
     def create(pretrained: bool = False, **overrides: Any):
         from timm.models import build_model_with_cfg
 
@@ -110,7 +110,7 @@ def _entrypoint(name: str, family: str, kwargs: dict[str, Any]):
             raise ValueError(f"{name} is a clipkit test model: no pretrained weights")
         overrides.pop("pretrained_cfg", None)
         overrides.pop("pretrained_cfg_overlay", None)
-        cls, model_kwargs = _model_class(family, kwargs)
+        cls, model_kwargs = _model_class(timm_class, kwargs)
         return build_model_with_cfg(
             cls,
             name,
@@ -128,7 +128,7 @@ def register_timm_models() -> list[str]:
     """Add the tiny `clipkit_*_test` models to timm's registry once; returns their names."""
     from timm.models import is_model, register_model
 
-    for name, (family, kwargs) in _TINY_KWARGS.items():
+    for name, (timm_class, kwargs) in _TINY_KWARGS.items():
         if not is_model(name):
-            register_model(_entrypoint(name, family, kwargs))
+            register_model(_entrypoint(name, timm_class, kwargs))
     return sorted(_TINY_KWARGS)
