@@ -21,6 +21,8 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from clipkit import __version__
+
 MARKER = ".clipkit-output"
 
 
@@ -167,8 +169,6 @@ def output_kind(folder: str | Path) -> str | None:
 
 
 def write_marker(folder: str | Path, kind: str) -> None:
-    from clipkit import __version__
-
     text = json.dumps({"kind": kind, "clipkit": __version__}) + "\n"
     (Path(folder) / MARKER).write_text(text)
 

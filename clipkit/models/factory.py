@@ -26,6 +26,9 @@ from clipkit.models.family import (
     get_family,
     parse_model_name,
 )
+from clipkit.models.open_clip_family import local_dir_weights
+from clipkit.models.pooling import get_pooling
+from clipkit.models.towers import apply_text_tower, load_text_tower_weights, lock_towers
 
 
 def list_models() -> dict[str, list[str]]:
@@ -85,8 +88,6 @@ def resolve_arch(cfg: ModelConfig) -> dict:
     if cfg.image_pool != "cls":  # part of the architecture: pooling may carry weights
         arch["image_pool"] = cfg.image_pool
     if cfg.text_tower:
-        from clipkit.models.towers import apply_text_tower
-
         apply_text_tower(arch, cfg.text_tower)
     return arch
 
@@ -122,8 +123,6 @@ def _build_checked(arch: dict) -> nn.Module:
 def _apply_pool(model: nn.Module, arch: dict) -> nn.Module:
     pool = arch.get("image_pool", "cls")
     if pool != "cls":
-        from clipkit.models.pooling import get_pooling
-
         get_pooling(pool)  # an unknown name fails the same way for every family
         family_of(arch).apply_image_pool(model, pool)
     return model
@@ -138,13 +137,9 @@ def build(cfg: ModelConfig) -> nn.Module:
     if pretrained:
         load_pretrained(model, pretrained, arch)
     if cfg.text_tower and not pretrained:
-        from clipkit.models.towers import load_text_tower_weights
-
         load_text_tower_weights(model, cfg.text_tower)
     _apply_pool(model, arch)
     if cfg.lock_image or cfg.lock_text:
-        from clipkit.models.towers import lock_towers
-
         lock_towers(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -156,8 +151,6 @@ def default_weights(name: str) -> str | None:
     folder = parse_model_name(name).folder
     if folder is None:
         return None
-    from clipkit.models.open_clip_family import local_dir_weights
-
     found = local_dir_weights(folder)
     return str(found) if found else None
 

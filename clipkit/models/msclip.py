@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clipkit.config import ConfigError
+from clipkit.models import msclip_official
 from clipkit.models.msclip_layers import (
     ConvStem,
     LateralAdapter,
@@ -331,9 +332,7 @@ class MSCLIP(nn.Module):
     def load_weights_file(self, path: str):
         """Load a clipkit or official MS-CLIP weights file (layout detected by its keys); both
         stored copies of a shared tensor must be equal. Raises ConfigError on any mismatch."""
-        from clipkit.models.msclip_official import load_weights_file
-
-        return load_weights_file(self, path)
+        return msclip_official.load_weights_file(self, path)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = self.visual.grad_checkpointing = enable

@@ -12,6 +12,9 @@ import copy
 import zipfile
 from pathlib import Path
 
+import open_clip
+from open_clip.factory import load_checkpoint
+from open_clip.model import CLIP, CustomTextCLIP
 from torch import nn
 
 from clipkit.checkpoint import CheckpointError, read_torch_file
@@ -147,14 +150,10 @@ class OpenClipFamily(ModelFamily):
         }
 
     def lookup(self, name: str) -> dict | None:
-        import open_clip
-
         model_cfg = open_clip.get_model_config(name.replace("/", "-"))
         return None if model_cfg is None else _arch(model_cfg)
 
     def external_names(self) -> dict[str, list[str]]:
-        import open_clip
-
         return {"open_clip": open_clip.list_models()}
 
     def from_json(self, data: dict, source: str) -> dict:
@@ -182,8 +181,6 @@ class OpenClipFamily(ModelFamily):
         _check_shapes(arch["model_cfg"], source)
 
     def build(self, arch: dict) -> nn.Module:
-        from open_clip.model import CLIP, CustomTextCLIP
-
         model_cfg = copy.deepcopy(arch["model_cfg"])
         vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
         if "timm_model_name" in vision:
@@ -198,8 +195,6 @@ class OpenClipFamily(ModelFamily):
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
         check_weights_file(path)
-        from open_clip.factory import load_checkpoint
-
         try:
             load_checkpoint(model, str(path), strict=True, weights_only=True)
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from clipkit.config import ConfigError
@@ -185,8 +186,6 @@ def pool_open_clip_vit(visual: nn.Module, name: str) -> None:
     `visual.image_pool` and this instance's `_pool` (which `forward`, `forward_intermediates` and
     clipkit's `forward_kept` all call) is replaced by a bound method, so the class and every
     other state_dict key stay open_clip's. Any other tower: ConfigError."""
-    from open_clip.transformer import VisionTransformer
-
     if not isinstance(visual, VisionTransformer):
         raise ConfigError(
             f"image pooling '{name}' needs a ViT image tower (open_clip VisionTransformer or "

@@ -15,6 +15,7 @@ import json
 import re
 from pathlib import Path
 
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from clipkit.config import ConfigError, ModelConfig
@@ -114,8 +115,6 @@ def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
 
 def lock_image_tower(model: nn.Module, unlocked_layers: int = 0) -> None:
     """Freeze `model.visual` except its last `unlocked_layers` blocks and what follows them."""
-    from open_clip.transformer import VisionTransformer
-
     visual = model.visual
     if isinstance(visual, VisionTransformer):
         _check_count(len(visual.transformer.resblocks), unlocked_layers, "image")
