@@ -49,6 +49,9 @@ class ModelConfig:
     lock_image_unlocked_layers: int = 0  # ...except its last N blocks
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    # a learnable logit bias (SigLIP) and the logit scale's start; None: the model's own
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
     arch: dict = field(default_factory=dict)  # resolved architecture; filled in by models.build
 
 

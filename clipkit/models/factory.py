@@ -84,6 +84,8 @@ def resolve_arch(cfg: ModelConfig) -> dict:
     else:
         arch = _named_arch(parsed.ref)
     _apply_overrides(arch, cfg)
+    if cfg.init_logit_scale is not None or cfg.init_logit_bias is not None:
+        family_of(arch).set_logit_init(arch, cfg.init_logit_scale, cfg.init_logit_bias)
     validate_arch(arch, f"model {cfg.name}")
     if cfg.image_pool != "cls":  # part of the architecture: pooling may carry weights
         arch["image_pool"] = cfg.image_pool

@@ -110,6 +110,13 @@ class ModelFamily:
         """Parameters both modalities use, each once (their own lr / weight decay group)."""
         return []
 
+    def set_logit_init(self, arch: dict, scale: float | None, bias: float | None) -> None:
+        """Start the (log) logit scale at `scale` and give the model a learnable logit bias
+        starting at `bias` (SigLIP); None leaves that part as the arch has it."""
+        raise ConfigError(
+            f"{self.name} models cannot take a logit scale / bias start (SigLIP needs a bias)"
+        )
+
     def apply_image_pool(self, model: nn.Module, pool: str) -> None:
         raise ConfigError(f"image pooling '{pool}' is not available for {self.name} models")
 

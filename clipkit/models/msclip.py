@@ -85,6 +85,7 @@ class MSCLIPConfig:
     branch_strides: tuple[int, ...] = (2, 2, 2, 2, 2)  # 5 branch stages
     lateral_slots: tuple[int, ...] = (2, 4, 6, 8, 10)  # visual slot each stage fuses before
     init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # a learnable bias on the logits (SigLIP) when set
     image_mean: tuple[float, ...] = IMAGENET_MEAN
     image_std: tuple[float, ...] = IMAGENET_STD
 
@@ -290,6 +291,7 @@ class MSCLIP(nn.Module):
         self.ln_final = LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.empty(()))
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.empty(()))
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -322,6 +324,8 @@ class MSCLIP(nn.Module):
         for p in (self.visual.class_embedding, self.visual.positional_embedding, self.visual.proj):
             nn.init.normal_(p, std=scale)
         self.logit_scale.fill_(self.config.init_logit_scale)
+        if self.logit_bias is not None:
+            self.logit_bias.fill_(self.config.init_logit_bias)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The tensors both towers use, each once (clipkit's optimizer gives them their own
@@ -355,11 +359,14 @@ class MSCLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict:
-        return {
+        out = {
             "image_features": self.encode_image(image, True) if image is not None else None,
             "text_features": self.encode_text(text, True) if text is not None else None,
             "logit_scale": self.logit_scale.exp(),
         }
+        if self.logit_bias is not None:  # as open_clip's CLIP returns it
+            out["logit_bias"] = self.logit_bias
+        return out
 
 
 def shared_parameter_names(model: MSCLIP) -> list[str]:

@@ -201,6 +201,13 @@ class OpenClipFamily(ModelFamily):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"weights in {path} do not fit this model: {first}") from None
 
+    def set_logit_init(self, arch: dict, scale: float | None, bias: float | None) -> None:
+        # open_clip's CLIP / CustomTextCLIP take both; with a bias, `forward` returns `logit_bias`
+        if scale is not None:
+            arch["model_cfg"]["init_logit_scale"] = scale
+        if bias is not None:
+            arch["model_cfg"]["init_logit_bias"] = bias
+
     def apply_image_pool(self, model: nn.Module, pool: str) -> None:
         pool_open_clip_vit(getattr(model, "visual", None), pool)
 
