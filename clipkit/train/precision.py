@@ -8,8 +8,9 @@ the scale; after 2000 clean steps it doubles it. fp32 and bf16 (float32's expone
 with the scaler disabled, which turns every call on it into a no-op.
 
 A skipped step still counts as a step (the trainer advances step, samples seen and the lr
-schedule), as open_clip and torch's AMP recipe do: the scale finds its level within a few steps
-at the start of a run, and counting keeps step numbers, samples and resume exact.
+schedule, and calls `method.after_step`, so EMA teachers move on), as open_clip and torch's AMP
+recipe do: the scale finds its level within a few steps at the start of a run (the `test` CLIP
+at batch 8 skips its first step at 2^16), and counting keeps step numbers and samples exact.
 """
 
 from __future__ import annotations
