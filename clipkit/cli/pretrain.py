@@ -139,7 +139,9 @@ FLAGS = [
         "run.precision",
         click.Choice(["auto", "fp32", "bf16", "fp16"]),
         "auto = bf16 autocast on CUDA, fp32 on CPU. bf16 also pays on CPUs with AMX "
-        "(lscpu lists amx_bf16): a ViT-S/16 training step ran 1.63x faster than fp32 on one.",
+        "(lscpu lists amx_bf16): a ViT-S/16 training step ran 1.63x faster than fp32 on one. "
+        "fp16 (GPUs without bf16: V100, T4) scales the loss; a step whose gradients overflow is "
+        "skipped, counted (scaler_skipped_steps) and still counts as a step.",
     ),
     ("--save-every", "run.save_every", int, "Steps between checkpoints (default 1000)."),
     ("--keep-last", "run.keep_last", int, "Keep only the newest N step checkpoints."),

@@ -96,6 +96,17 @@ def restore_optimizer(loaded: Loaded, optimizer: torch.optim.Optimizer) -> None:
         optimizer.load_state_dict(loaded.state["optimizer"])
 
 
+def restore_grad_scaler(loaded: Loaded, scaler: torch.amp.GradScaler) -> None:
+    """fp16's loss scale and growth tracker, so a resumed run scales as the uninterrupted one.
+    A checkpoint without them (an fp32/bf16 run, or one from before fp16 scaling) leaves the
+    scaler fresh: its scale finds its level again in a few skipped steps. A disabled scaler
+    (this run is fp32/bf16) ignores a saved one."""
+    saved = loaded.state.get("grad_scaler")
+    if saved and scaler.is_enabled():
+        with _must_fit(loaded):
+            scaler.load_state_dict(saved)
+
+
 @contextmanager
 def _must_fit(loaded: Loaded) -> Iterator[None]:
     """A checkpoint that does not fit what was built from its config: one CheckpointError line."""

@@ -20,7 +20,12 @@ from clipkit.devices import pick_device
 from clipkit.distributed import DistInfo
 from clipkit.methods import check_name
 from clipkit.methods.base import Method
-from clipkit.methods.restore import LoadedMethod, load_method, restore_optimizer
+from clipkit.methods.restore import (
+    LoadedMethod,
+    load_method,
+    restore_grad_scaler,
+    restore_optimizer,
+)
 from clipkit.run_dir import RunDir
 from clipkit.train.logging import log
 from clipkit.train.run_lock import RunLock
@@ -177,6 +182,8 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
         trainer = Trainer(
             cfg, method, optimizer, loader, total_steps(cfg, dist), dist, device, run_dir, state
         )
+        if saved is not None:
+            restore_grad_scaler(saved.checkpoint, trainer.scaler)
         summary = trainer.fit()
     except torch.distributed.DistError as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -239,4 +246,5 @@ def _restore(loaded: LoadedMethod, optimizer, dist: DistInfo, workers: int) -> T
         samples_seen=saved["samples_seen"],
         position=position,
         train_seconds=saved.get("train_seconds", 0.0),
+        scaler_skipped_steps=saved.get("scaler_skipped_steps", 0),  # absent before fp16 scaling
     )

@@ -1,6 +1,7 @@
 """The one generic training loop. It knows the Method interface and nothing about any method:
 `loss, parts = method(batch)`; backward; clip; optimizer step; `method.after_step`. Read it top to
-bottom: `fit` -> `_train_step` -> `_log` / `save`."""
+bottom: `fit` -> `_train_step` (-> `_backward`, `_optimizer_step`) -> `_log` / `save`. fp16's
+loss scaling: `clipkit.train.precision`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from clipkit.run_dir import RunDir
 from clipkit.train.bad_data import bad_counts, too_many_bad
 from clipkit.train.logging import RunLog, log, plot_curves
 from clipkit.train.optim import lr_at, set_lr
+from clipkit.train.precision import autocast, resolve_precision, scaled_step, scaler_record
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
 
@@ -44,6 +46,7 @@ class TrainState:
     bad: Counter = field(default_factory=Counter)  # bad samples by reason (this rank)
     bad_shards: Counter = field(default_factory=Counter)
     nonfinite_steps: int = 0
+    scaler_skipped_steps: int = 0  # fp16: steps whose gradients overflowed (no update, counted)
     train_seconds: float = 0.0  # wall-clock of the steps so far (checkpoint writes excluded)
 
 
@@ -73,6 +76,8 @@ class Trainer:
         self.saved_step: int | None = state.step or None  # step of the newest checkpoint on disk
         self.waiting_for_data = False
         self.global_batch = dist.global_batch(cfg.data.batch_size, cfg.optim.accum_steps)
+        self.precision = resolve_precision(cfg.run.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     # -- setup ---------------------------------------------------------------------------------
     def _wrap_ddp(self, method: nn.Module) -> nn.Module:
@@ -93,13 +98,7 @@ class Trainer:
         )
 
     def _autocast(self):
-        precision = self.cfg.run.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = signal.Signals(signum).name
@@ -165,20 +164,31 @@ class Trainer:
             sync = micro == accum - 1 or not self.dist.enabled
             with nullcontext() if sync else self.engine.no_sync(), self._autocast():
                 loss, parts = self.engine(batch)
-            (loss / accum).backward()
+            self._backward(loss / accum)
             for k, v in {"loss": loss.detach(), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / accum
         if not self._finite(parts_sum["loss"]):
             return parts_sum, wait
-        if cfg.optim.grad_clip:
-            nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._optimizer_step()
         state.step += 1
         state.samples_seen += self.global_batch
         self.method.after_step(state.step, self.total_steps)
         self._clamp_logit_scale()
         return parts_sum, wait
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate `loss`, times the loss scale under fp16 (as it is under fp32/bf16)."""
+        self.scaler.scale(loss).backward()
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, step; count a step the fp16 scaler skips (inf/nan gradients). The
+        guard `_finite` runs first, for every precision: a non-finite loss comes from the
+        forward pass (overflowing activations, bad data), which a smaller scale cannot cure,
+        so it never reaches the scaler (no update, not a step, scale kept, stop after 5 in a
+        row). Only a finite loss whose scaled gradients overflow is skipped here, as a step."""
+        params = self.method.parameters()
+        skipped = scaled_step(self.scaler, self.optimizer, params, self.cfg.optim.grad_clip)
+        self.state.scaler_skipped_steps += int(skipped)
 
     def _next_batch(self, batches, interruptible: bool) -> dict:
         self.waiting_for_data = interruptible
@@ -266,6 +276,7 @@ class Trainer:
             "data_wait_frac": min(1.0, window["wait"] / elapsed),
             "bad_samples": bad_total,
             "bad_by_reason": dict(self.state.bad),
+            **scaler_record(self.scaler, self.state.scaler_skipped_steps),
         }
         self.runlog.write(record)
         if progress is not None:
@@ -303,10 +314,16 @@ class Trainer:
         return bool(flag.item())
 
     def _summary(self) -> dict:
+        scaler = scaler_record(self.scaler, self.state.scaler_skipped_steps)
+        if scaler and self.dist.is_main:
+            log.info(
+                "fp16: %(scaler_skipped_steps)d steps skipped, loss scale %(loss_scale)g", scaler
+            )
         return {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
             "bad_samples": dict(self.state.bad),
+            **scaler,
         }
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -324,11 +341,14 @@ class Trainer:
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
             "train_seconds": self.state.train_seconds,
+            "scaler_skipped_steps": self.state.scaler_skipped_steps,
             "data_position": positions,
             "world_size": self.dist.world_size,
             "workers": self.cfg.data.workers,
             "rng": self._rng_state(),
         }
+        if self.scaler.is_enabled():  # fp16: loss scale and growth tracker, for exact resume
+            state["grad_scaler"] = self.scaler.state_dict()
         step_path = self.layout.step_checkpoint(self.state.step)
         try:
             checkpoint.save(state, step_path)
