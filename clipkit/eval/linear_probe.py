@@ -16,7 +16,7 @@ from clipkit.data.eval_sets import ClassificationSet, collate_labelled
 from clipkit.eval import DEFAULT_BATCH
 from clipkit.eval.embed import SkipCounter, check_skipped, encode_images, make_loader, progress
 from clipkit.eval.probe import cached_features, few_shot_probe, train_linear_probe
-from clipkit.eval.results import results_dict
+from clipkit.eval.results import probe_record
 
 
 def default_cache_dir() -> Path:
@@ -140,23 +140,14 @@ def run_probe(
         metrics, details = _fit(
             train_x, train_y, test_x, test_y, shots, seeds, seed, val_fraction, probe_device
         )
-    return results_dict(
-        dataset=train.name,
-        loaded=loaded,
-        task="linear_probe",
+    return probe_record(
+        loaded,
+        train,
+        test,
         metrics=metrics,
-        num_samples=len(test_y),
-        extra={
-            "data_root": train.root,
-            "train_split": train.split,
-            "test_split": test.split,
-            "num_train": len(train_y),
-            "num_classes": len(train.classnames),
-            "classnames": list(train.classnames),
-            "templates": None,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "cache_dir": str(cache_dir) if cache_dir else None,
-            **details,
-        },
+        counts=(len(train_y), len(test_y)),
+        seed=seed,
+        val_fraction=val_fraction,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        **details,
     )
