@@ -21,6 +21,7 @@ from clipkit.cli.options import (
     load_for_eval,
     loader_options,
     model_options,
+    option_rows,
     output_option,
     pick,
     write_output,
@@ -75,37 +76,24 @@ class IndexSettings:
 
 
 def index_options(fn):
-    options = [
-        click.option(
+    rows = [
+        (
             "--index-type",
-            type=INDEX_TYPES,
-            default="auto",
-            show_default=True,
-            help="auto picks under --max-memory: exact below 10k vectors, HNSW / IVF-Flat while "
+            "auto",
+            INDEX_TYPES,
+            "auto picks under --max-memory: exact below 10k vectors, HNSW / IVF-Flat while "
             "they fit, IVF with 8/6/4-bit residual codes (ivf-sq), then OPQ+IVF-PQ.",
         ),
-        click.option(
-            "--max-memory",
-            default="8GB",
-            show_default=True,
-            help="Memory budget of the index (e.g. 4GB, 512MB).",
-        ),
-        click.option(
+        ("--max-memory", "8GB", None, "Memory budget of the index (e.g. 4GB, 512MB)."),
+        (
             "--target-recall",
-            default=0.95,
-            type=FiniteFloatRange(0, 1, min_open=True),
-            show_default=True,
-            help="Tune nprobe / efSearch until recall@10 vs exact search reaches this.",
+            0.95,
+            FiniteFloatRange(0, 1, min_open=True),
+            "Tune nprobe / efSearch until recall@10 vs exact search reaches this.",
         ),
-        click.option(
-            "--seed",
-            default=0,
-            type=NON_NEGATIVE_INT,
-            show_default=True,
-            help="Seed of index training.",
-        ),
+        ("--seed", 0, NON_NEGATIVE_INT, "Seed of index training."),
     ]
-    return stack_options(fn, options)
+    return stack_options(fn, option_rows(rows))
 
 
 def data_options(fn):
