@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from clipkit.data.eval_io import iter_tar_samples
 from clipkit.data.eval_pairs import paired_set
-from clipkit.data.eval_sets import classification_set, iter_tar_samples
+from clipkit.data.eval_sets import classification_set
 from clipkit.eval.loading import load_model
 from clipkit.eval.retrieval import embed_pairs, evaluate_retrieval
 from clipkit.eval.zero_shot import run_zero_shot
