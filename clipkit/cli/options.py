@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import click
 
 from clipkit.cli.main import run_guarded, stack_options
-from clipkit.eval import DEFAULT_BATCH
+from clipkit.eval import LoaderSettings
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -55,16 +55,6 @@ class ModelSource:
     def flags(self) -> dict:
         """The model-choosing flags as given (what the library's input checks take)."""
         return {"checkpoint": self.checkpoint, "model": self.model, "pretrained": self.pretrained}
-
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """--batch-size, --workers, --device, --max-bad-fraction."""
-
-    batch_size: int
-    workers: int
-    device: str
-    max_bad_fraction: float
 
 
 @dataclass(frozen=True)
@@ -115,12 +105,17 @@ def loader_options() -> list:
     """--batch-size, --workers, --device, --max-bad-fraction (evaluation and retrieval)."""
     return option_rows(
         [
-            ("--batch-size", DEFAULT_BATCH, POSITIVE_INT, "Images per batch."),
-            ("--workers", 2, NON_NEGATIVE_INT, "Data loader worker processes."),
+            ("--batch-size", LoaderSettings.batch_size, POSITIVE_INT, "Images per batch."),
+            (
+                "--workers",
+                LoaderSettings.workers,
+                NON_NEGATIVE_INT,
+                "Data loader worker processes.",
+            ),
             ("--device", "auto", None, "auto (CUDA if present), cpu, cuda or cuda:N."),
             (
                 "--max-bad-fraction",
-                0.01,
+                LoaderSettings.max_bad_fraction,
                 FRACTION,
                 "Unreadable images are skipped and counted; stop if more than this share is.",
             ),
@@ -202,6 +197,12 @@ def dataset_options(fn):
     return stack_options(fn, options)
 
 
+def pick_loading(kwargs: dict) -> tuple[LoaderSettings, str]:
+    """The library's LoaderSettings (--batch-size, --workers, --max-bad-fraction) and --device,
+    picked out of the click kwargs."""
+    return pick(LoaderSettings, kwargs), kwargs.pop("device")
+
+
 def load_for_eval(source: ModelSource, device: str):
     """Validate the model flags up front, then load; returns (LoadedModel, torch.device)."""
     from clipkit.eval.loading import load_model, pick_device
@@ -244,7 +245,7 @@ def load_for_dataset(kwargs: dict, output) -> tuple:
     check -o, load the model; returns (DatasetChoice, LoaderSettings, LoadedModel, device)."""
     chosen = pick(DatasetChoice, kwargs)
     source = pick(ModelSource, kwargs)
-    loader = pick(LoaderSettings, kwargs)
+    reading, device = pick_loading(kwargs)
     check_output(output, source, *chosen.local_inputs())
-    loaded, dev = load_for_eval(source, loader.device)
-    return chosen, loader, loaded, dev
+    loaded, dev = load_for_eval(source, device)
+    return chosen, reading, loaded, dev

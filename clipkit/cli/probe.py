@@ -13,6 +13,7 @@ import click
 
 from clipkit.cli import options
 from clipkit.cli.main import fail, run_guarded, stack_options
+from clipkit.eval import LoaderSettings
 
 if TYPE_CHECKING:
     from clipkit.eval.vqt import VQTSettings
@@ -99,7 +100,7 @@ def probe(train_split, test_split, seed, probe_method, output, **kwargs):
 
     linear = options.pick(LinearSettings, kwargs)
     vqt = options.pick(VQTSettings, kwargs, prefix="vqt_")
-    chosen, loader, loaded, dev = options.load_for_dataset(kwargs, output)
+    chosen, reading, loaded, dev = options.load_for_dataset(kwargs, output)
     sets = [
         chosen.load(split, loaded.preprocess, strict_split=True)
         for split in (train_split, test_split)
@@ -107,14 +108,14 @@ def probe(train_split, test_split, seed, probe_method, output, **kwargs):
     if probe_method == "vqt":
         if linear.shots is not None:
             fail("--shots is not supported with --method vqt")
-        result, title = _run_vqt(loaded, sets, dev, vqt, loader, seed)
+        result, title = _run_vqt(loaded, sets, dev, vqt, reading, seed)
     else:
-        result, title = _run_linear(loaded, sets, dev, linear, loader, seed)
+        result, title = _run_linear(loaded, sets, dev, linear, reading, seed)
     options.echo_metrics(result, title)
     options.write_output(output, result)
 
 
-def _run_vqt(loaded, sets, dev, vqt: VQTSettings, loader: options.LoaderSettings, seed: int):
+def _run_vqt(loaded, sets, dev, vqt: VQTSettings, reading: LoaderSettings, seed: int):
     """Train and score a VQT probe; returns (result, table title)."""
     from clipkit.eval.vqt import run_vqt_probe
 
@@ -124,9 +125,9 @@ def _run_vqt(loaded, sets, dev, vqt: VQTSettings, loader: options.LoaderSettings
         *sets,
         device=dev,
         settings=vqt,
-        workers=loader.workers,
+        workers=reading.workers,
         seed=seed,
-        max_bad_fraction=loader.max_bad_fraction,
+        max_bad_fraction=reading.max_bad_fraction,
     )
     c = result["clipkit"]
     title = (
@@ -136,9 +137,7 @@ def _run_vqt(loaded, sets, dev, vqt: VQTSettings, loader: options.LoaderSettings
     return result, title
 
 
-def _run_linear(
-    loaded, sets, dev, linear: LinearSettings, loader: options.LoaderSettings, seed: int
-):
+def _run_linear(loaded, sets, dev, linear: LinearSettings, reading: LoaderSettings, seed: int):
     """Fit and score the linear probe on (cached) features; returns (result, table title)."""
     from clipkit.eval.linear_probe import run_probe
 
@@ -149,14 +148,12 @@ def _run_linear(
             loaded,
             *sets,
             device=dev,
-            batch_size=loader.batch_size,
-            workers=loader.workers,
+            reading=reading,
             cache_dir=cache,
             shots=linear.shots,
             seeds=linear.seeds,
             seed=seed,
             val_fraction=linear.val_fraction,
-            max_bad_fraction=loader.max_bad_fraction,
         )
     except ValueError as e:  # e.g. a class with fewer images than --shots
         fail(str(e))

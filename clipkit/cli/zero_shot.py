@@ -24,17 +24,9 @@ def zero_shot(split, output, **kwargs):
     """
     from clipkit.eval.zero_shot import run_zero_shot
 
-    chosen, loader, loaded, dev = options.load_for_dataset(kwargs, output)
+    chosen, reading, loaded, dev = options.load_for_dataset(kwargs, output)
     data = chosen.load(split, loaded.preprocess)
-    result = run_guarded(
-        run_zero_shot,
-        loaded,
-        data,
-        device=dev,
-        batch_size=loader.batch_size,
-        workers=loader.workers,
-        max_bad_fraction=loader.max_bad_fraction,
-    )
+    result = run_guarded(run_zero_shot, loaded, data, device=dev, reading=reading)
     n = result["clipkit"]["num_samples"]
     title = (
         f"zero-shot {data.name} ({n} images, {len(data.classnames)} classes, "
