@@ -26,15 +26,31 @@ TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 
 
+class _InRoot:
+    """A read-only RunDir attribute: the path of one fixed name under the run's root."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, run: RunDir | None, owner=None):
+        return self if run is None else run.root / self.name
+
+    def __set__(self, run: RunDir, value) -> None:
+        raise AttributeError(f"{self.name}: a run directory's layout is fixed")
+
+
 class RunDir:
     """The paths of one run directory (nothing is created or checked here)."""
 
+    checkpoints = _InRoot(CHECKPOINTS)
+    config = _InRoot(CONFIG)
+    metrics = _InRoot(METRICS)
+    curves = _InRoot(CURVES)
+    tensorboard = _InRoot(TENSORBOARD)
+    lock = _InRoot(LOCK)
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
 
     @property
     def latest(self) -> Path:
@@ -47,26 +63,6 @@ class RunDir:
         """Every checkpoints/step-N.pt, oldest step first (other names are not ours: skipped)."""
         found = (p for p in self.checkpoints.glob(f"{STEP_PREFIX}*.pt") if step_of(p) is not None)
         return sorted(found, key=step_of)
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def curves(self) -> Path:
-        return self.root / CURVES
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / TENSORBOARD
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK
 
 
 def step_of(path: Path) -> int | None:

@@ -18,7 +18,7 @@ def ckpt(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def folder_set(demo_root, tmp_path_factory):
     """The demo shape task as ImageFolder trees (train/ and test/), from its wds shards."""
-    from clipkit.data.eval_sets import iter_tar_samples
+    from clipkit.data.eval_io import iter_tar_samples
 
     root = tmp_path_factory.mktemp("folder")
     classes = (demo_root / "zeroshot/shape/classnames.txt").read_text().split()

@@ -87,7 +87,8 @@ def test_ranks_and_workers_cover_every_sample_once(tmp_path):
 
 def test_shard_assignment_is_a_partition_and_changes_with_epoch(tmp_path):
     urls = [f"u{i}" for i in range(10)]
-    stream = ShardStream(StreamSpec(urls=urls, batch_size=1, batches_per_worker=1), None, None)
+    spec = StreamSpec(urls=urls, data=DataConfig(batch_size=1), batches_per_worker=1)
+    stream = ShardStream(spec, None, None)
     for epoch in range(3):
         parts = [stream._shards(epoch, sid, 4, 0) for sid in range(4)]
         flat = [u for p in parts for u in p]

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from clipkit.data.eval_io import iter_tar_samples
 from clipkit.data.eval_pairs import paired_set
-from clipkit.data.eval_sets import classification_set, iter_tar_samples
+from clipkit.data.eval_sets import classification_set
+from clipkit.eval import LoaderSettings
 from clipkit.eval.loading import load_model
 from clipkit.eval.retrieval import embed_pairs, evaluate_retrieval
 from clipkit.eval.zero_shot import run_zero_shot
@@ -40,7 +42,7 @@ def test_zero_shot_equals_clip_benchmark(loaded, demo_root, task, monkeypatch):
 
     monkeypatch.setattr(cb, "accuracy", _cb_accuracy)
     data = classification_set("demo", demo_root, "test", loaded.preprocess, task=task)
-    ours = run_zero_shot(loaded, data, device=CPU, batch_size=16, workers=0)
+    ours = run_zero_shot(loaded, data, device=CPU, reading=LoaderSettings(batch_size=16, workers=0))
     data.dataset.classes = data.classnames  # CLIP_benchmark reads dataloader.dataset.classes
     loader = torch.utils.data.DataLoader(
         data.dataset,
@@ -83,7 +85,7 @@ def test_retrieval_equals_clip_benchmark(loaded, demo_root, tmp_path):
 
     shard = _multi_caption_shard(demo_root, tmp_path / "multi.tar")
     data = paired_set(shard, loaded.preprocess)
-    emb = embed_pairs(loaded, data, CPU, batch_size=16, workers=0)
+    emb = embed_pairs(loaded, data, CPU, LoaderSettings(batch_size=16, workers=0))
     assert len(emb.keys) == 64 and len(emb.text_features) == sum(i % 3 + 1 for i in range(64))
     ks = [1, 5, 10]
     ours = evaluate_retrieval(emb, ks, index_type="flat")
@@ -100,7 +102,9 @@ def test_retrieval_equals_clip_benchmark(loaded, demo_root, tmp_path):
 
 
 def test_auto_index_meets_recall_target(loaded, demo_root):
-    emb = embed_pairs(loaded, paired_set(demo_root / "train", loaded.preprocess), CPU, 64, 0)
+    emb = embed_pairs(
+        loaded, paired_set(demo_root / "train", loaded.preprocess), CPU, LoaderSettings(64, 0)
+    )
     out = evaluate_retrieval(emb, [1, 10], index_type="hnsw", target_recall=0.9)
     report = out["indexes"]["image"]
     assert report["kind"] == "hnsw" and report["reached_target"]
@@ -118,7 +122,8 @@ def test_probe_close_to_sklearn(loaded, demo_root, tmp_path):
         classification_set("demo", demo_root, s, loaded.preprocess) for s in ("train", "test")
     )
     cache = tmp_path / "cache"
-    ours = run_probe(loaded, train, test, device=CPU, batch_size=32, workers=0, cache_dir=cache)
+    reading = LoaderSettings(batch_size=32, workers=0)
+    ours = run_probe(loaded, train, test, device=CPU, reading=reading, cache_dir=cache)
     files = sorted(cache.glob("features-*.npz"))
     assert len(files) == 2  # train and test features cached
     feats = {}
@@ -136,7 +141,7 @@ def test_probe_close_to_sklearn(loaded, demo_root, tmp_path):
     sk_acc1 = float((clf.predict((vx - mean) / std) == vy).mean())
     assert abs(ours["metrics"]["lp_acc1"] - sk_acc1) <= 0.01 + 1e-9
     # A second run reads the cache (same files, same result).
-    again = run_probe(loaded, train, test, device=CPU, batch_size=32, workers=0, cache_dir=cache)
+    again = run_probe(loaded, train, test, device=CPU, reading=reading, cache_dir=cache)
     assert again["metrics"] == ours["metrics"]
     assert sorted(cache.glob("features-*.npz")) == files
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.main import fail, run_guarded
+from clipkit.cli.main import fail, run_guarded, stack_options
+from clipkit.cli.options import option_rows
 
 
 @click.group()
@@ -12,36 +13,37 @@ def data():
     """Datasets: write the built-in demo data; check shards before training."""
 
 
+def _demo_options(fn):
+    out = click.option(
+        "--out",
+        required=True,
+        type=str,
+        help="Folder to write (train/, eval/, zeroshot/): new, empty, or an earlier demo output "
+        "(replaced); any other folder is refused, so a user's own shards are never deleted.",
+    )
+    rows = [
+        ("--seed", 0, click.IntRange(min=0), "Same seed, same bytes."),
+        ("--train-samples", 5000, None, "Training pairs."),
+        (
+            "--eval-samples",
+            500,
+            None,
+            "Held-out pairs (attribute combinations never seen in training).",
+        ),
+        (
+            "--probe-train-samples",
+            1000,
+            None,
+            "Labelled training images of the zero-shot/probe sets.",
+        ),
+        ("--image-size", 64, None, "Image side in pixels."),
+        ("--shard-size", 1000, None, "Samples per shard."),
+    ]
+    return stack_options(fn, [out, *option_rows(rows)])
+
+
 @data.command()
-@click.option(
-    "--out",
-    required=True,
-    type=str,
-    help="Folder to write (train/, eval/, zeroshot/): new, empty, or an earlier demo output "
-    "(replaced); any other folder is refused, so a user's own shards are never deleted.",
-)
-@click.option(
-    "--seed",
-    default=0,
-    type=click.IntRange(min=0),
-    show_default=True,
-    help="Same seed, same bytes.",
-)
-@click.option("--train-samples", default=5000, show_default=True, help="Training pairs.")
-@click.option(
-    "--eval-samples",
-    default=500,
-    show_default=True,
-    help="Held-out pairs (attribute combinations never seen in training).",
-)
-@click.option(
-    "--probe-train-samples",
-    default=1000,
-    show_default=True,
-    help="Labelled training images of the zero-shot/probe sets.",
-)
-@click.option("--image-size", default=64, show_default=True, help="Image side in pixels.")
-@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@_demo_options
 def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size):
     """Write synthetic captioned scenes (shapes, colours, counts, positions, backgrounds) as
     WebDataset shards, a held-out eval split, and CLIP_benchmark-style classification sets."""
@@ -63,24 +65,28 @@ def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size
             click.echo(f"  {key}: {value}")
 
 
+def _check_options(fn):
+    rows = [
+        ("--image-key", "jpg;jpeg;png;webp", None, "Image member extensions, ';'-separated."),
+        ("--text-key", "txt", None, "Caption member extension."),
+        (
+            "--max-pixels",
+            89_478_485,
+            click.IntRange(min=1),
+            "Images with more pixels count as bad (decompression-bomb guard).",
+        ),
+    ]
+    flags = [
+        click.option(
+            "--no-sizes", is_flag=True, help="Do not write sizes.json next to the shards."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]
+    return stack_options(fn, [click.argument("shards"), *option_rows(rows), *flags])
+
+
 @data.command()
-@click.argument("shards")
-@click.option(
-    "--image-key",
-    default="jpg;jpeg;png;webp",
-    show_default=True,
-    help="Image member extensions, ';'-separated.",
-)
-@click.option("--text-key", default="txt", show_default=True, help="Caption member extension.")
-@click.option(
-    "--max-pixels",
-    default=89_478_485,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Images with more pixels count as bad (decompression-bomb guard).",
-)
-@click.option("--no-sizes", is_flag=True, help="Do not write sizes.json next to the shards.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_check_options
 def check(shards, image_key, text_key, max_pixels, no_sizes, as_json):
     """Read every shard of SHARDS (a directory, brace pattern or '::'-joined list): count samples
     and bad samples by reason, summarise image sizes and caption lengths, and write sizes.json

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import click
 
 from clipkit.cli.main import run_guarded, stack_options
-from clipkit.eval import DEFAULT_BATCH
+from clipkit.eval import LoaderSettings
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -58,16 +58,6 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
-class LoaderSettings:
-    """--batch-size, --workers, --device, --max-bad-fraction."""
-
-    batch_size: int
-    workers: int
-    device: str
-    max_bad_fraction: float
-
-
-@dataclass(frozen=True)
 class DatasetChoice:
     """A classification dataset: DATASET --data-root, --task, --templates, --classnames."""
 
@@ -98,64 +88,66 @@ class DatasetChoice:
         )
 
 
+def option_rows(rows: list) -> list:
+    """click options from (flag, default, type, help) rows, each showing its default in --help.
+    The flag is a name, or a tuple of names (a short form, a parameter name); a type of None
+    lets click infer it; a default of None gives the option none (click's own "not given")."""
+    return [_row_option(*row) for row in rows]
+
+
+def _row_option(flag, default, type_, help_: str):
+    names = (flag,) if isinstance(flag, str) else flag
+    given = {} if default is None else {"default": default, "show_default": True}
+    return click.option(*names, type=type_, help=help_, **given)
+
+
 def loader_options() -> list:
     """--batch-size, --workers, --device, --max-bad-fraction (evaluation and retrieval)."""
-    return [
-        click.option(
-            "--batch-size",
-            default=DEFAULT_BATCH,
-            type=POSITIVE_INT,
-            show_default=True,
-            help="Images per batch.",
-        ),
-        click.option(
-            "--workers",
-            default=2,
-            type=NON_NEGATIVE_INT,
-            show_default=True,
-            help="Data loader worker processes.",
-        ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="auto (CUDA if present), cpu, cuda or cuda:N.",
-        ),
-        click.option(
-            "--max-bad-fraction",
-            default=0.01,
-            type=FRACTION,
-            show_default=True,
-            help="Unreadable images are skipped and counted; stop if more than this share is.",
-        ),
-    ]
+    return option_rows(
+        [
+            ("--batch-size", LoaderSettings.batch_size, POSITIVE_INT, "Images per batch."),
+            (
+                "--workers",
+                LoaderSettings.workers,
+                NON_NEGATIVE_INT,
+                "Data loader worker processes.",
+            ),
+            ("--device", "auto", None, "auto (CUDA if present), cpu, cuda or cuda:N."),
+            (
+                "--max-bad-fraction",
+                LoaderSettings.max_bad_fraction,
+                FRACTION,
+                "Unreadable images are skipped and counted; stop if more than this share is.",
+            ),
+        ]
+    )
 
 
 def model_options(fn):
     """--checkpoint | --model [--pretrained], --weights."""
-    options = [
-        click.option(
-            "--checkpoint",
-            "-c",
-            type=str,
-            help="clipkit checkpoint file, or a run directory (uses its checkpoints/latest.pt).",
+    rows = [
+        (
+            ("--checkpoint", "-c"),
+            None,
+            str,
+            "clipkit checkpoint file, or a run directory (uses its checkpoints/latest.pt).",
         ),
-        click.option(
+        (
             "--model",
-            type=str,
-            help="open_clip model instead of a checkpoint: NAME (with --pretrained FILE) or "
+            None,
+            str,
+            "open_clip model instead of a checkpoint: NAME (with --pretrained FILE) or "
             "local-dir:DIR (an open_clip / `clipkit export` folder).",
         ),
-        click.option("--pretrained", type=str, help="Local open_clip weights file for --model."),
-        click.option(
+        ("--pretrained", None, str, "Local open_clip weights file for --model."),
+        (
             "--weights",
-            type=click.Choice(["online", "ema"]),
-            default="online",
-            show_default=True,
-            help="Which weights of the checkpoint: the trained ones, or the EMA copy (A-CLIP).",
+            "online",
+            click.Choice(["online", "ema"]),
+            "Which weights of the checkpoint: the trained ones, or the EMA copy (A-CLIP).",
         ),
     ]
-    return stack_options(fn, options)
+    return stack_options(fn, option_rows(rows))
 
 
 def output_option(help_: str):
@@ -174,34 +166,41 @@ def run_options(fn):
 
 def dataset_options(fn):
     """DATASET --data-root --task --templates --classnames (zero-shot and probe)."""
-    options = [
-        click.argument("dataset", type=DATASET_CHOICE),
-        click.option(
-            "--data-root",
-            required=True,
-            type=str,
-            help="Dataset directory (imagenet: synset folders; folder: ImageFolder tree; wds: "
-            "CLIP_benchmark layout; demo: a `clipkit data demo` folder).",
-        ),
-        click.option(
+    rows = [
+        (
             "--task",
-            type=click.Choice(["shape", "colour"]),
-            default="shape",
-            show_default=True,
-            help="demo only: classify shapes or colours.",
+            "shape",
+            click.Choice(["shape", "colour"]),
+            "demo only: classify shapes or colours.",
         ),
-        click.option(
+        (
             "--templates",
-            type=click.Path(dir_okay=False),
-            help="Prompt templates file, one per line with {c} for the class name.",
+            None,
+            click.Path(dir_okay=False),
+            "Prompt templates file, one per line with {c} for the class name.",
         ),
-        click.option(
+        (
             "--classnames",
-            type=click.Path(dir_okay=False),
-            help="Class names file, one per line in class-index order (folder, wds).",
+            None,
+            click.Path(dir_okay=False),
+            "Class names file, one per line in class-index order (folder, wds).",
         ),
     ]
+    data_root = click.option(
+        "--data-root",
+        required=True,
+        type=str,
+        help="Dataset directory (imagenet: synset folders; folder: ImageFolder tree; wds: "
+        "CLIP_benchmark layout; demo: a `clipkit data demo` folder).",
+    )
+    options = [click.argument("dataset", type=DATASET_CHOICE), data_root, *option_rows(rows)]
     return stack_options(fn, options)
+
+
+def pick_loading(kwargs: dict) -> tuple[LoaderSettings, str]:
+    """The library's LoaderSettings (--batch-size, --workers, --max-bad-fraction) and --device,
+    picked out of the click kwargs."""
+    return pick(LoaderSettings, kwargs), kwargs.pop("device")
 
 
 def load_for_eval(source: ModelSource, device: str):
@@ -209,14 +208,7 @@ def load_for_eval(source: ModelSource, device: str):
     from clipkit.eval.loading import load_model, pick_device
 
     dev = run_guarded(pick_device, device)
-    loaded = run_guarded(
-        load_model,
-        checkpoint=source.checkpoint,
-        model=source.model,
-        pretrained=source.pretrained,
-        weights=source.weights,
-        device=dev,
-    )
+    loaded = run_guarded(load_model, **source.flags(), weights=source.weights, device=dev)
     return loaded, dev
 
 
@@ -246,3 +238,14 @@ def echo_metrics(result: dict, title: str) -> None:
 
     rows = [(name, value) for name, value in result["metrics"].items() if isinstance(value, float)]
     click.echo(table(rows, title))
+
+
+def load_for_dataset(kwargs: dict, output) -> tuple:
+    """zero-shot and probe: pick the dataset, model and loader flags out of the click kwargs,
+    check -o, load the model; returns (DatasetChoice, LoaderSettings, LoadedModel, device)."""
+    chosen = pick(DatasetChoice, kwargs)
+    source = pick(ModelSource, kwargs)
+    reading, device = pick_loading(kwargs)
+    check_output(output, source, *chosen.local_inputs())
+    loaded, dev = load_for_eval(source, device)
+    return chosen, reading, loaded, dev

@@ -7,28 +7,16 @@ settings and the VQT settings."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
+from clipkit.cli import options
 from clipkit.cli.main import fail, run_guarded, stack_options
-from clipkit.cli.options import (
-    NON_NEGATIVE_FLOAT,
-    NON_NEGATIVE_INT,
-    OPEN_FRACTION,
-    POSITIVE_FLOAT,
-    POSITIVE_INT,
-    DatasetChoice,
-    LoaderSettings,
-    ModelSource,
-    check_output,
-    dataset_options,
-    echo_metrics,
-    load_for_eval,
-    model_options,
-    pick,
-    run_options,
-    write_output,
-)
+from clipkit.eval import LoaderSettings
+
+if TYPE_CHECKING:
+    from clipkit.eval.vqt import VQTSettings
 
 
 @dataclass(frozen=True)
@@ -42,117 +30,62 @@ class LinearSettings:
     no_cache: bool
 
 
-@dataclass(frozen=True)
-class VQTSettings:
-    """--vqt-*: the Visual Query Tuning probe's training."""
-
-    queries: int
-    epochs: int
-    lr: float
-    weight_decay: float
-    batch_size: int
-
-
 def split_options(fn):
-    options = [
-        click.option("--train-split", default="train", show_default=True, help="Split to fit on."),
-        click.option("--test-split", default="test", show_default=True, help="Split to score on."),
+    rows = [
+        ("--train-split", "train", None, "Split to fit on."),
+        ("--test-split", "test", None, "Split to score on."),
     ]
-    return stack_options(fn, options)
+    return stack_options(fn, options.option_rows(rows))
 
 
 def linear_options(fn):
-    options = [
-        click.option("--shots", type=POSITIVE_INT, help="Few-shot: K training images per class."),
-        click.option(
-            "--seeds",
-            default=3,
-            type=POSITIVE_INT,
-            show_default=True,
-            help="Few-shot: number of seeds.",
-        ),
-        click.option(
-            "--seed",
-            default=0,
-            type=NON_NEGATIVE_INT,
-            show_default=True,
-            help="Seed of the validation split.",
-        ),
-        click.option(
+    rows = [
+        ("--shots", None, options.POSITIVE_INT, "Few-shot: K training images per class."),
+        ("--seeds", 3, options.POSITIVE_INT, "Few-shot: number of seeds."),
+        ("--seed", 0, options.NON_NEGATIVE_INT, "Seed of the validation split."),
+        (
             "--val-fraction",
-            default=0.2,
-            type=OPEN_FRACTION,
-            show_default=True,
-            help="Share of train held out to sweep the weight decay, in (0, 1).",
+            0.2,
+            options.OPEN_FRACTION,
+            "Share of train held out to sweep the weight decay, in (0, 1).",
         ),
-        click.option(
+        (
             "--cache-dir",
-            type=click.Path(file_okay=False),
-            help="Feature cache (default $CLIPKIT_CACHE or ~/.cache/clipkit/features).",
+            None,
+            click.Path(file_okay=False),
+            "Feature cache (default $CLIPKIT_CACHE or ~/.cache/clipkit/features).",
         ),
-        click.option("--no-cache", is_flag=True, help="Always recompute the features."),
     ]
-    return stack_options(fn, options)
+    no_cache = click.option("--no-cache", is_flag=True, help="Always recompute the features.")
+    return stack_options(fn, [*options.option_rows(rows), no_cache])
 
 
 def vqt_options(fn):
-    options = [
-        click.option(
-            "--method",
-            "probe_method",
-            type=click.Choice(["linear", "vqt"]),
-            default="linear",
-            show_default=True,
-            help="linear: logistic regression on cached features; vqt: Visual Query Tuning "
+    rows = [
+        (
+            ("--method", "probe_method"),
+            "linear",
+            click.Choice(["linear", "vqt"]),
+            "linear: logistic regression on cached features; vqt: Visual Query Tuning "
             "(Tang et al., arXiv 2212.03220), learnable queries in every frozen ViT layer + a "
             "linear head.",
         ),
-        click.option(
-            "--vqt-queries",
-            default=5,
-            type=POSITIVE_INT,
-            show_default=True,
-            help="vqt: query tokens per layer.",
-        ),
-        click.option(
-            "--vqt-epochs",
-            default=10,
-            type=POSITIVE_INT,
-            show_default=True,
-            help="vqt: passes over train.",
-        ),
-        click.option(
-            "--vqt-lr",
-            default=1e-3,
-            type=POSITIVE_FLOAT,
-            show_default=True,
-            help="vqt: AdamW learning rate.",
-        ),
-        click.option(
-            "--vqt-weight-decay",
-            default=1e-4,
-            type=NON_NEGATIVE_FLOAT,
-            show_default=True,
-            help="vqt: AdamW weight decay.",
-        ),
-        click.option(
-            "--vqt-batch-size",
-            default=32,
-            type=POSITIVE_INT,
-            show_default=True,
-            help="vqt: training batch.",
-        ),
+        ("--vqt-queries", 5, options.POSITIVE_INT, "vqt: query tokens per layer."),
+        ("--vqt-epochs", 10, options.POSITIVE_INT, "vqt: passes over train."),
+        ("--vqt-lr", 1e-3, options.POSITIVE_FLOAT, "vqt: AdamW learning rate."),
+        ("--vqt-weight-decay", 1e-4, options.NON_NEGATIVE_FLOAT, "vqt: AdamW weight decay."),
+        ("--vqt-batch-size", 32, options.POSITIVE_INT, "vqt: training batch."),
     ]
-    return stack_options(fn, options)
+    return stack_options(fn, options.option_rows(rows))
 
 
 @click.command()
-@dataset_options
+@options.dataset_options
 @split_options
 @linear_options
 @vqt_options
-@model_options
-@run_options
+@options.model_options
+@options.run_options
 def probe(train_split, test_split, seed, probe_method, output, **kwargs):
     """Linear probe on frozen image features (weight decay swept on a validation split), or a
     Visual Query Tuning probe (--method vqt) on the frozen ViT.
@@ -163,13 +96,11 @@ def probe(train_split, test_split, seed, probe_method, output, **kwargs):
       clipkit probe folder --data-root /data/pets --checkpoint runs/x --shots 16 --seeds 3
       clipkit probe demo --data-root demo_data --checkpoint runs/demo --method vqt --vqt-queries 5
     """
-    chosen = pick(DatasetChoice, kwargs)
-    source = pick(ModelSource, kwargs)
-    loader = pick(LoaderSettings, kwargs)
-    linear = pick(LinearSettings, kwargs)
-    vqt = pick(VQTSettings, kwargs, prefix="vqt_")
-    check_output(output, source, *chosen.local_inputs())
-    loaded, dev = load_for_eval(source, loader.device)
+    from clipkit.eval.vqt import VQTSettings
+
+    linear = options.pick(LinearSettings, kwargs)
+    vqt = options.pick(VQTSettings, kwargs, prefix="vqt_")
+    chosen, reading, loaded, dev = options.load_for_dataset(kwargs, output)
     sets = [
         chosen.load(split, loaded.preprocess, strict_split=True)
         for split in (train_split, test_split)
@@ -177,14 +108,14 @@ def probe(train_split, test_split, seed, probe_method, output, **kwargs):
     if probe_method == "vqt":
         if linear.shots is not None:
             fail("--shots is not supported with --method vqt")
-        result, title = _run_vqt(loaded, sets, dev, vqt, loader, seed)
+        result, title = _run_vqt(loaded, sets, dev, vqt, reading, seed)
     else:
-        result, title = _run_linear(loaded, sets, dev, linear, loader, seed)
-    echo_metrics(result, title)
-    write_output(output, result)
+        result, title = _run_linear(loaded, sets, dev, linear, reading, seed)
+    options.echo_metrics(result, title)
+    options.write_output(output, result)
 
 
-def _run_vqt(loaded, sets, dev, vqt: VQTSettings, loader: LoaderSettings, seed: int):
+def _run_vqt(loaded, sets, dev, vqt: VQTSettings, reading: LoaderSettings, seed: int):
     """Train and score a VQT probe; returns (result, table title)."""
     from clipkit.eval.vqt import run_vqt_probe
 
@@ -193,14 +124,10 @@ def _run_vqt(loaded, sets, dev, vqt: VQTSettings, loader: LoaderSettings, seed: 
         loaded,
         *sets,
         device=dev,
-        num_queries=vqt.queries,
-        epochs=vqt.epochs,
-        lr=vqt.lr,
-        weight_decay=vqt.weight_decay,
-        batch_size=vqt.batch_size,
-        workers=loader.workers,
+        settings=vqt,
+        workers=reading.workers,
         seed=seed,
-        max_bad_fraction=loader.max_bad_fraction,
+        max_bad_fraction=reading.max_bad_fraction,
     )
     c = result["clipkit"]
     title = (
@@ -210,7 +137,7 @@ def _run_vqt(loaded, sets, dev, vqt: VQTSettings, loader: LoaderSettings, seed: 
     return result, title
 
 
-def _run_linear(loaded, sets, dev, linear: LinearSettings, loader: LoaderSettings, seed: int):
+def _run_linear(loaded, sets, dev, linear: LinearSettings, reading: LoaderSettings, seed: int):
     """Fit and score the linear probe on (cached) features; returns (result, table title)."""
     from clipkit.eval.linear_probe import run_probe
 
@@ -221,14 +148,12 @@ def _run_linear(loaded, sets, dev, linear: LinearSettings, loader: LoaderSetting
             loaded,
             *sets,
             device=dev,
-            batch_size=loader.batch_size,
-            workers=loader.workers,
+            reading=reading,
             cache_dir=cache,
             shots=linear.shots,
             seeds=linear.seeds,
             seed=seed,
             val_fraction=linear.val_fraction,
-            max_bad_fraction=loader.max_bad_fraction,
         )
     except ValueError as e:  # e.g. a class with fewer images than --shots
         fail(str(e))

@@ -15,16 +15,18 @@ from clipkit.cli.main import fail, run_guarded, stack_options
 from clipkit.cli.options import (
     NON_NEGATIVE_INT,
     FiniteFloatRange,
-    LoaderSettings,
     ModelSource,
     check_output,
     load_for_eval,
     loader_options,
     model_options,
+    option_rows,
     output_option,
     pick,
+    pick_loading,
     write_output,
 )
+from clipkit.eval import LoaderSettings
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
 
@@ -75,37 +77,24 @@ class IndexSettings:
 
 
 def index_options(fn):
-    options = [
-        click.option(
+    rows = [
+        (
             "--index-type",
-            type=INDEX_TYPES,
-            default="auto",
-            show_default=True,
-            help="auto picks under --max-memory: exact below 10k vectors, HNSW / IVF-Flat while "
+            "auto",
+            INDEX_TYPES,
+            "auto picks under --max-memory: exact below 10k vectors, HNSW / IVF-Flat while "
             "they fit, IVF with 8/6/4-bit residual codes (ivf-sq), then OPQ+IVF-PQ.",
         ),
-        click.option(
-            "--max-memory",
-            default="8GB",
-            show_default=True,
-            help="Memory budget of the index (e.g. 4GB, 512MB).",
-        ),
-        click.option(
+        ("--max-memory", "8GB", None, "Memory budget of the index (e.g. 4GB, 512MB)."),
+        (
             "--target-recall",
-            default=0.95,
-            type=FiniteFloatRange(0, 1, min_open=True),
-            show_default=True,
-            help="Tune nprobe / efSearch until recall@10 vs exact search reaches this.",
+            0.95,
+            FiniteFloatRange(0, 1, min_open=True),
+            "Tune nprobe / efSearch until recall@10 vs exact search reaches this.",
         ),
-        click.option(
-            "--seed",
-            default=0,
-            type=NON_NEGATIVE_INT,
-            show_default=True,
-            help="Seed of index training.",
-        ),
+        ("--seed", 0, NON_NEGATIVE_INT, "Seed of index training."),
     ]
-    return stack_options(fn, options)
+    return stack_options(fn, option_rows(rows))
 
 
 def data_options(fn):
@@ -135,14 +124,13 @@ def retrieve():
     """
 
 
-def _embed(source: ModelSource, data, split, loader: LoaderSettings):
+def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: str):
     from clipkit.data.eval_pairs import paired_set
     from clipkit.eval.retrieval import embed_pairs
 
-    loaded, dev = load_for_eval(source, loader.device)
+    loaded, dev = load_for_eval(source, device)
     pairs = run_guarded(paired_set, data, loaded.preprocess, split)
-    settings = (loader.batch_size, loader.workers, loader.max_bad_fraction)
-    emb = run_guarded(embed_pairs, loaded, pairs, dev, *settings)
+    emb = run_guarded(embed_pairs, loaded, pairs, dev, reading)
     return loaded, pairs, emb
 
 
@@ -165,7 +153,7 @@ def index_cmd(data, split, out, overwrite, **kwargs):
     settings = IndexSettings.from_kwargs(kwargs)
     source = pick(ModelSource, kwargs)
     run_guarded(guard_index_out, out, source.flags(), data, overwrite)  # before the work, not after
-    loaded, pairs, emb = _embed(source, data, split, pick(LoaderSettings, kwargs))
+    loaded, pairs, emb = _embed(source, data, split, *pick_loading(kwargs))
     report = run_guarded(
         build_index_dir,
         loaded,
@@ -345,7 +333,7 @@ def eval_cmd(data, split, ks, output, **kwargs):
     source = pick(ModelSource, kwargs)
     check_output(output, source, *local_paths(data))
     settings = IndexSettings.from_kwargs(kwargs)
-    loaded, pairs, emb = _embed(source, data, split, pick(LoaderSettings, kwargs))
+    loaded, pairs, emb = _embed(source, data, split, *pick_loading(kwargs))
     out = run_guarded(evaluate_retrieval, emb, k_list, **settings.build_args())
     for report in out["indexes"].values():
         _warn_shortfall(report, settings.max_memory)

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import click
 
+from clipkit.cli import options
 from clipkit.cli.main import run_guarded
-from clipkit.cli.options import (
-    DatasetChoice,
-    LoaderSettings,
-    ModelSource,
-    check_output,
-    dataset_options,
-    echo_metrics,
-    load_for_eval,
-    model_options,
-    pick,
-    run_options,
-    write_output,
-)
 
 
 @click.command(name="zero-shot")
-@dataset_options
+@options.dataset_options
 @click.option("--split", default="test", show_default=True, help="Split folder (wds, demo).")
-@model_options
-@run_options
+@options.model_options
+@options.run_options
 def zero_shot(split, output, **kwargs):
     """Zero-shot classification: top-1, top-5 and mean per-class recall.
 
@@ -36,25 +24,13 @@ def zero_shot(split, output, **kwargs):
     """
     from clipkit.eval.zero_shot import run_zero_shot
 
-    chosen = pick(DatasetChoice, kwargs)
-    source = pick(ModelSource, kwargs)
-    loader = pick(LoaderSettings, kwargs)
-    check_output(output, source, *chosen.local_inputs())
-    loaded, dev = load_for_eval(source, loader.device)
+    chosen, reading, loaded, dev = options.load_for_dataset(kwargs, output)
     data = chosen.load(split, loaded.preprocess)
-    result = run_guarded(
-        run_zero_shot,
-        loaded,
-        data,
-        device=dev,
-        batch_size=loader.batch_size,
-        workers=loader.workers,
-        max_bad_fraction=loader.max_bad_fraction,
-    )
+    result = run_guarded(run_zero_shot, loaded, data, device=dev, reading=reading)
     n = result["clipkit"]["num_samples"]
     title = (
         f"zero-shot {data.name} ({n} images, {len(data.classnames)} classes, "
         f"{len(data.templates)} templates; chance top-1 {100 / len(data.classnames):.2f}%)"
     )
-    echo_metrics(result, title)
-    write_output(output, result)
+    options.echo_metrics(result, title)
+    options.write_output(output, result)

@@ -13,16 +13,15 @@ from pathlib import Path
 import torch
 import torch.utils.data
 
-from clipkit.data.eval_sets import (
-    IMAGE_EXTS,
-    WDS_IMAGE_KEYS,
+from clipkit.data.eval_io import (
     DataReadError,
     DatasetLayoutError,
-    fingerprint_files,
+    TarShards,
+    image_member,
     iter_tar_samples,
     open_image,
-    worker_share,
 )
+from clipkit.data.eval_sets import IMAGE_EXTS, fingerprint_files
 from clipkit.data.names import folder_dataset_name, wds_dataset_name
 
 log = logging.getLogger(__name__)
@@ -49,20 +48,16 @@ def split_captions(data: bytes | None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-class TarPairs(torch.utils.data.IterableDataset):
+class TarPairs(TarShards):
     """item = (image | None, captions, key, source shard)."""
 
-    def __init__(self, shards: list[str], transform: Callable):
-        self.shards, self.transform = shards, transform
-
     def __iter__(self):
-        for shard in worker_share(self.shards):
-            for key, fields in iter_tar_samples(shard):
-                image = next((fields[k] for k in WDS_IMAGE_KEYS if k in fields), None)
-                if image is None:
-                    continue  # not an image sample (e.g. a stray json)
-                captions = split_captions(fields.get("txt"))
-                yield open_image(image, self.transform), captions, key, shard
+        for shard, key, fields in self.samples():
+            image = image_member(fields)
+            if image is None:
+                continue  # not an image sample (e.g. a stray json)
+            captions = split_captions(fields.get("txt"))
+            yield open_image(image, self.transform), captions, key, shard
 
 
 class FolderPairs(torch.utils.data.Dataset):
@@ -146,7 +141,7 @@ def read_image_bytes(wanted: list[tuple[str, str]]) -> dict[tuple[str, str], byt
             continue
         try:
             for key, fields in iter_tar_samples(source):
-                image = next((fields[k] for k in WDS_IMAGE_KEYS if k in fields), None)
+                image = image_member(fields)
                 if key in keys and image is not None:
                     found[(source, key)] = image
         except DataReadError as e:  # damaged since it was indexed: show what could be read

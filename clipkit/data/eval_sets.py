@@ -20,24 +20,19 @@ field but `{c}`. Results name the sets as CLIP_benchmark does (`clipkit.eval.res
 
 from __future__ import annotations
 
-import io
 import re
 import string
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.utils.data
-from PIL import Image
 
-from clipkit.config import ConfigError
+from clipkit.data.eval_io import DatasetLayoutError, TarShards, image_member, open_image
 from clipkit.data.names import folder_dataset_name, wds_dataset_name
-from clipkit.data.tarscan import TarStopped, read_members, sample_key
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-WDS_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 DATASETS = ("imagenet", "folder", "wds", "demo")
 DEFAULT_TEMPLATES = (
     "a photo of a {c}.",
@@ -54,23 +49,6 @@ DEFAULT_TEMPLATES = (
 _SYNSET = re.compile(r"^n\d{8}$")
 
 
-class DatasetLayoutError(ConfigError):
-    """A data root that does not have the expected layout (a user error: exit 2)."""
-
-
-class DataReadError(DatasetLayoutError):
-    """Data that cannot be read to its end (a damaged tar shard).
-
-    Raised in a DataLoader worker, it reaches the main process as `DataReadError(text)` where
-    the text is torch's "Caught ... Original Traceback ..." report; only the original message
-    (its last line) is kept, so the command still ends with one line."""
-
-    def __init__(self, message: str):
-        if "Original Traceback" in message:
-            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
-        super().__init__(message)
-
-
 @dataclass
 class ClassificationSet:
     """A labelled split: `dataset` yields (image tensor | None, label, name) via the loader."""
@@ -83,19 +61,6 @@ class ClassificationSet:
     templates: list[str]
     num_samples: int | None
     fingerprint: list = field(default_factory=list)  # file names + sizes + mtimes, for caching
-
-
-def open_image(data_or_path, transform: Callable):
-    """The transformed image, or None if it cannot be decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-            with Image.open(src) as img:
-                img.load()
-                return transform(img.convert("RGB"))
-    except Exception:  # PIL raises many types for corrupt data
-        return None
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -112,60 +77,21 @@ class FolderImages(torch.utils.data.Dataset):
         return open_image(path, self.transform), label, path
 
 
-def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a tar; members of one sample are consecutive and share
-    the name up to the first dot of the basename (webdataset's convention).
-
-    A shard that stops before its end raises `DataReadError`: scoring part of a test set
-    without a word would report numbers on data nobody chose."""
-    key, fields, done = None, {}, 0
-    try:
-        with open(path, "rb") as f:
-            for name, data in read_members(f):
-                new = sample_key(name)
-                if new is None:
-                    continue
-                if new != key:
-                    if key is not None:
-                        yield key, fields
-                        done += 1
-                    key, fields = new, {}
-                fields[name.rpartition("/")[2].split(".", 1)[1].lower()] = data
-    except TarStopped as stop:
-        raise DataReadError(
-            f"{path} is damaged: {stop}, after {done} sample(s); re-download or repair the shard"
-        ) from None
-    except OSError as e:
-        raise DataReadError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if key is not None:
-        yield key, fields
-
-
-def worker_share(items: list) -> list:
-    """The items this DataLoader worker reads (round-robin), all of them outside workers."""
-    info = torch.utils.data.get_worker_info()
-    return items if info is None else items[info.id :: info.num_workers]
-
-
-class TarImages(torch.utils.data.IterableDataset):
+class TarImages(TarShards):
     """Iterable dataset over CLIP_benchmark-style tars; item = (image | None, label, key)."""
 
-    def __init__(self, shards: list[str], transform: Callable):
-        self.shards, self.transform = shards, transform
-
     def __iter__(self):
-        for shard in worker_share(self.shards):
-            for key, fields in iter_tar_samples(shard):
-                if "cls" not in fields:
-                    continue
-                name = f"{Path(shard).name}/{key}"
-                label = _label(fields["cls"])
-                if label is None:  # skipped and counted like an unreadable image
-                    yield None, -1, f"{name} (its cls is not an integer)"
-                    continue
-                image = next((fields[k] for k in WDS_IMAGE_KEYS if k in fields), None)
-                decoded = open_image(image, self.transform) if image is not None else None
-                yield decoded, label, name
+        for shard, key, fields in self.samples():
+            if "cls" not in fields:
+                continue
+            name = f"{Path(shard).name}/{key}"
+            label = _label(fields["cls"])
+            if label is None:  # skipped and counted like an unreadable image
+                yield None, -1, f"{name} (its cls is not an integer)"
+                continue
+            image = image_member(fields)
+            decoded = open_image(image, self.transform) if image is not None else None
+            yield decoded, label, name
 
 
 def _label(cls: bytes) -> int | None:

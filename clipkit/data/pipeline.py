@@ -104,26 +104,14 @@ def build_loader(
     position = position or DataPosition()
     spec = StreamSpec(
         urls=urls,
-        batch_size=cfg.batch_size,
+        data=cfg,
         batches_per_worker=per_worker,
         seed=seed,
         rank=dist.rank,
         world_size=dist.world_size,
-        num_workers=cfg.workers,
-        resampled=cfg.resampled,
-        shuffle_buffer=cfg.shuffle_buffer,
-        image_key=cfg.image_key,
-        text_key=cfg.text_key,
-        max_pixels=cfg.max_pixels,
-        max_bad_fraction=cfg.max_bad_fraction,
         start=dict(position.workers),
         worker_offset=position.batches % workers,
     )
-    loader = make_loader(
-        spec,
-        SampleTransform(preprocess, views),
-        Collate(tokenizer),
-        pin_memory,
-        stall_timeout=cfg.stall_timeout,
-    )
+    sample_fn = SampleTransform(preprocess, views)
+    loader = make_loader(spec, sample_fn, Collate(tokenizer), pin_memory)
     return loader, LoaderInfo(urls, num_samples, per_worker * workers)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipkit.config import ConfigError
+from clipkit.config import ConfigError, DataConfig
 from clipkit.data.decode import BadSample, decode_caption, decode_image, member
 from clipkit.data.tarscan import TarStopped, shard_samples
 
@@ -69,18 +69,13 @@ def seed_for(*parts: int) -> int:
 @dataclass
 class StreamSpec:
     urls: list[str]
-    batch_size: int
+    # the run's data settings: batch size, workers, resampling, shuffle buffer, member keys,
+    # pixel limit, bad-sample share (1 turns off the BAD_STREAK stop), stall timeout
+    data: DataConfig
     batches_per_worker: int  # per epoch
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    num_workers: int = 1
-    resampled: bool = False
-    shuffle_buffer: int = 1000
-    image_key: str = "jpg;jpeg;png;webp"
-    text_key: str = "txt"
-    max_pixels: int = 89_478_485
-    max_bad_fraction: float = 0.01  # 1 turns off the BAD_STREAK stop
     # logical worker id -> [epoch, samples taken, batches done] to resume from
     start: dict[int, list[int]] = field(default_factory=dict)
     # which logical worker physical worker 0 plays (batches consumed so far % workers)
@@ -172,7 +167,7 @@ class ShardStream(IterableDataset):
         """This stream's shards for a pass: a share fixed per epoch (split by rank, then worker),
         in an order reshuffled on every further pass; or, resampled, drawn with replacement."""
         s = self.spec
-        if s.resampled:
+        if s.data.resampled:
             rng = random.Random(seed_for(s.seed, epoch, stream_id, rep, 1))
             return [rng.choice(s.urls) for _ in range(max(1, len(s.urls) // n_streams))]
         order = list(s.urls)
@@ -188,7 +183,7 @@ class ShardStream(IterableDataset):
         # The shards a pass may read (without resampling every pass reads the same share), and
         # those not yet read by the passes in a row that yielded nothing: once none is left, no
         # pass ever will yield.
-        if self.spec.resampled:
+        if self.spec.data.resampled:
             readable = set(self.spec.urls)
         else:
             readable = set(self._shards(epoch, stream_id, n_streams, 0))
@@ -212,7 +207,7 @@ class ShardStream(IterableDataset):
             rep += 1
 
     def _shuffled(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        size = self.spec.shuffle_buffer
+        size = self.spec.data.shuffle_buffer
         if size <= 1:
             yield from raw
             return
@@ -231,9 +226,9 @@ class ShardStream(IterableDataset):
         s = self.spec
         rng = random.Random(sample_seed)
         # Both members first: a missing one is cheap to tell and names the key looked for.
-        image_bytes = member(raw, s.image_key, "no_image", "image")
-        caption_bytes = member(raw, s.text_key, "no_caption", "caption")
-        image = decode_image(image_bytes, s.max_pixels)
+        image_bytes = member(raw, s.data.image_key, "no_image", "image")
+        caption_bytes = member(raw, s.data.text_key, "no_caption", "caption")
+        image = decode_image(image_bytes, s.data.max_pixels)
         caption = decode_caption(caption_bytes, rng)
         # Augmentations draw from torch's global CPU generator. Seed it directly: torch.manual_seed
         # also queues lazy CUDA/XPU seeding with a formatted stack, ~0.7 ms per sample.
@@ -275,7 +270,7 @@ class ShardStream(IterableDataset):
                 watch.unusable(e, raw.get("__url__", "?"))
                 continue
             watch.usable()
-            if len(pending) == s.batch_size:
+            if len(pending) == s.data.batch_size:
                 batches_done += 1
                 batch = self.collate_fn(pending)
                 batch["_pos"] = torch.tensor([logical, epoch, taken, batches_done])
@@ -288,7 +283,7 @@ class ShardStream(IterableDataset):
 
     def worker_shards(self, logical: int, epoch: int) -> list[str]:
         """The shards a logical worker of this rank reads first in an epoch (for messages)."""
-        n_workers = max(self.spec.num_workers, 1)
+        n_workers = max(self.spec.data.workers, 1)
         stream_id = self.spec.rank * n_workers + logical
         return self._shards(epoch, stream_id, self.spec.world_size * n_workers, 0)
 
@@ -301,7 +296,7 @@ class ShardStream(IterableDataset):
         stream_id = s.rank * n_workers + logical
         n_streams = s.world_size * n_workers
         epoch, skip, done = s.start.get(logical, [0, 0, 0])
-        watch = _Starvation(f"data worker {logical} of rank {s.rank}", s.max_bad_fraction)
+        watch = _Starvation(f"data worker {logical} of rank {s.rank}", s.data.max_bad_fraction)
         try:
             while True:
                 yield from self._epoch(epoch, logical, stream_id, n_streams, skip, done, watch)
@@ -356,10 +351,8 @@ def _take_signals(stops: set, parent: int) -> None:
             os._exit(0)
 
 
-def make_loader(
-    spec: StreamSpec, sample_fn, collate_fn, pin_memory: bool = False, stall_timeout: float = 0.0
-) -> DataLoader:
-    workers = spec.num_workers
+def make_loader(spec: StreamSpec, sample_fn, collate_fn, pin_memory: bool = False) -> DataLoader:
+    workers = spec.data.workers
     return StreamLoader(
         ShardStream(spec, sample_fn, collate_fn),
         batch_size=None,
@@ -368,7 +361,7 @@ def make_loader(
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         in_order=True,
-        timeout=stall_timeout if workers > 0 else 0,
+        timeout=spec.data.stall_timeout if workers > 0 else 0,
         worker_init_fn=_ignore_stop_signals,
         # Worker base seeds come from this generator, not torch's global RNG, so starting the
         # loader consumes no global randomness (a resumed run then stays on the same RNG path).

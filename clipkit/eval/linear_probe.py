@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
-from clipkit.eval import DEFAULT_BATCH
+from clipkit.eval import LoaderSettings
 from clipkit.eval.embed import SkipCounter, check_skipped, encode_images, make_loader, progress
 from clipkit.eval.probe import cached_features, few_shot_probe, train_linear_probe
-from clipkit.eval.results import results_dict
+from clipkit.eval.results import probe_record
 
 
 def default_cache_dir() -> Path:
@@ -28,25 +28,28 @@ def default_cache_dir() -> Path:
 
 
 def extract_features(
-    loaded, data: ClassificationSet, device, batch_size, workers, max_bad_fraction
+    loaded, data: ClassificationSet, device, reading: LoaderSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) unit-norm image features and (N,) labels of one split."""
-    loader = make_loader(data.dataset, batch_size, workers, collate_labelled)
+    loader = make_loader(data.dataset, reading.batch_size, reading.workers, collate_labelled)
     feats, labels, skipped = [], [], SkipCounter()
-    for batch in progress(loader, data.num_samples, batch_size, f"features {data.split}"):
+    desc = f"features {data.split}"
+    for batch in progress(loader, data.num_samples, reading.batch_size, desc):
         skipped.add(batch["bad"])
         if batch["image"] is not None:
             feats.append(encode_images(loaded.model, batch["image"], device))
             labels.append(batch["label"])
     where = f"{data.root} ({data.split})"
-    check_skipped(skipped, sum(len(y) for y in labels), max_bad_fraction, where)
+    check_skipped(skipped, sum(len(y) for y in labels), reading.max_bad_fraction, where)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
-def split_features(loaded, data: ClassificationSet, cache_dir: Path | None, **kwargs):
+def split_features(
+    loaded, data: ClassificationSet, cache_dir: Path | None, device, reading: LoaderSettings
+):
     """Features of one split, from the cache when the model, data and transform are unchanged."""
     if cache_dir is None:
-        return extract_features(loaded, data, **kwargs)
+        return extract_features(loaded, data, device, reading)
     key = {
         "model_sha256": loaded.sha256 or f"random:{loaded.name}",
         "weights": loaded.weights,
@@ -57,7 +60,7 @@ def split_features(loaded, data: ClassificationSet, cache_dir: Path | None, **kw
         "files": data.fingerprint,
         "transform": repr(loaded.preprocess),
     }
-    return cached_features(cache_dir, key, lambda: extract_features(loaded, data, **kwargs))
+    return cached_features(cache_dir, key, lambda: extract_features(loaded, data, device, reading))
 
 
 @contextlib.contextmanager
@@ -120,43 +123,29 @@ def run_probe(
     test: ClassificationSet,
     *,
     device: torch.device,
-    batch_size: int = DEFAULT_BATCH,
-    workers: int = 2,
+    reading: LoaderSettings = LoaderSettings(),
     cache_dir: Path | None = None,
     shots: int | None = None,
     seeds: int = 3,
     seed: int = 0,
     val_fraction: float = 0.2,
-    max_bad_fraction: float = 0.01,
 ) -> dict[str, Any]:
     """Linear-probe metrics (`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`) as a record."""
-    opts = dict(
-        device=device, batch_size=batch_size, workers=workers, max_bad_fraction=max_bad_fraction
-    )
-    train_x, train_y = split_features(loaded, train, cache_dir, **opts)
-    test_x, test_y = split_features(loaded, test, cache_dir, **opts)
+    train_x, train_y = split_features(loaded, train, cache_dir, device, reading)
+    test_x, test_y = split_features(loaded, test, cache_dir, device, reading)
     probe_device = "cuda" if device.type == "cuda" else "cpu"
     with _few_threads(probe_device, train_x.size):
         metrics, details = _fit(
             train_x, train_y, test_x, test_y, shots, seeds, seed, val_fraction, probe_device
         )
-    return results_dict(
-        dataset=train.name,
-        loaded=loaded,
-        task="linear_probe",
+    return probe_record(
+        loaded,
+        train,
+        test,
         metrics=metrics,
-        num_samples=len(test_y),
-        extra={
-            "data_root": train.root,
-            "train_split": train.split,
-            "test_split": test.split,
-            "num_train": len(train_y),
-            "num_classes": len(train.classnames),
-            "classnames": list(train.classnames),
-            "templates": None,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "cache_dir": str(cache_dir) if cache_dir else None,
-            **details,
-        },
+        counts=(len(train_y), len(test_y)),
+        seed=seed,
+        val_fraction=val_fraction,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        **details,
     )

@@ -56,6 +56,43 @@ def results_dict(
     }
 
 
+def probe_record(
+    loaded,
+    train,
+    test,
+    *,
+    metrics: dict[str, Any],
+    counts: tuple[int, int],
+    seed: int,
+    method: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The record of a probe fitted on `train` and scored on `test` (linear or VQT), in
+    CLIP_benchmark's `linear_probe` task: `counts` is (train, test) images; the clipkit block
+    says where the data came from, then `extra` (a named `method` goes first, as probe_method)."""
+    num_train, num_test = counts
+    block = {"probe_method": method} if method else {}
+    block |= {
+        "data_root": train.root,
+        "train_split": train.split,
+        "test_split": test.split,
+        "num_train": num_train,
+        "num_classes": len(train.classnames),
+        "classnames": list(train.classnames),
+        "templates": None,
+        "seed": seed,
+        **extra,
+    }
+    return results_dict(
+        dataset=train.name,
+        loaded=loaded,
+        task="linear_probe",
+        metrics=metrics,
+        num_samples=num_test,
+        extra=block,
+    )
+
+
 def _clean(obj: Any) -> Any:
     """NaN is not JSON: write null (CLIP_benchmark writes NaN, which strict parsers reject)."""
     if isinstance(obj, float) and math.isnan(obj):

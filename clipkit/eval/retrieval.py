@@ -26,7 +26,7 @@ import torch
 from clipkit.config import ConfigError
 from clipkit.data.eval_pairs import PairedSet, collate_pairs
 from clipkit.data.sources import local_paths
-from clipkit.eval import DEFAULT_BATCH
+from clipkit.eval import LoaderSettings
 from clipkit.eval.embed import (
     SkipCounter,
     check_skipped,
@@ -58,15 +58,13 @@ def embed_pairs(
     loaded,
     data: PairedSet,
     device: torch.device,
-    batch_size: int = DEFAULT_BATCH,
-    workers: int = 2,
-    max_bad_fraction: float = 0.01,
+    reading: LoaderSettings = LoaderSettings(),
 ) -> PairEmbeddings:
     """Embed every image and every caption of `data` (several captions per image allowed)."""
     images, texts, t2i = [], [], []
     keys, captions, sources, skipped = [], [], [], SkipCounter()
-    loader = make_loader(data.dataset, batch_size, workers, collate_pairs)
-    for batch in progress(loader, data.num_samples, batch_size, "embedding"):
+    loader = make_loader(data.dataset, reading.batch_size, reading.workers, collate_pairs)
+    for batch in progress(loader, data.num_samples, reading.batch_size, "embedding"):
         skipped.add(batch["bad"])
         if batch["image"] is None:
             continue
@@ -79,7 +77,7 @@ def embed_pairs(
         keys += batch["key"]
         captions += batch["captions"]
         sources += batch["source"]
-    check_skipped(skipped, len(keys), max_bad_fraction, data.root)
+    check_skipped(skipped, len(keys), reading.max_bad_fraction, data.root)
     if not keys:
         raise ConfigError(f"{data.root}: no images found")
     dim = images[0].shape[1]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,13 +34,23 @@ from torch import nn
 
 from clipkit.config import ConfigError
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
-from clipkit.eval import DEFAULT_BATCH
 from clipkit.eval.embed import SkipCounter, check_skipped
 from clipkit.eval.metrics import classification_metrics
-from clipkit.eval.results import results_dict
+from clipkit.eval.results import probe_record
 from clipkit.models.vit import embed_patches, require_vit
 
 SHUFFLE_BUFFER = 4096  # samples held to shuffle a streamed training set
+
+
+@dataclass(frozen=True)
+class VQTSettings:
+    """How the VQT probe trains (`clipkit probe --vqt-*`)."""
+
+    queries: int  # query tokens per layer
+    epochs: int
+    lr: float  # AdamW
+    weight_decay: float
+    batch_size: int
 
 
 def _check_block(block: nn.Module) -> ResidualAttentionBlock:
@@ -281,63 +292,43 @@ def _check_probe_args(loaded, num_queries: int, epochs: int) -> None:
         raise ConfigError("--vqt-queries must be >= 0 and --vqt-epochs >= 1")
 
 
-def _probe_extra(
-    train: ClassificationSet, test: ClassificationSet, fit: dict[str, Any], seed: int, vqt: dict
-) -> dict[str, Any]:
-    """The record fields beyond the metrics: where the data came from and how the probe ran."""
-    return {
-        "probe_method": "vqt",
-        "data_root": train.root,
-        "train_split": train.split,
-        "test_split": test.split,
-        "num_train": fit["num_train"],
-        "num_classes": len(train.classnames),
-        "classnames": list(train.classnames),
-        "templates": None,
-        "seed": seed,
-        "vqt": {**vqt, "train_loss": fit["train_loss"]},
-    }
-
-
 def run_vqt_probe(
     loaded,
     train: ClassificationSet,
     test: ClassificationSet,
     *,
     device: torch.device,
-    num_queries: int = 5,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    batch_size: int = DEFAULT_BATCH,
+    settings: VQTSettings,
     workers: int = 2,
     seed: int = 0,
     max_bad_fraction: float = 0.01,
 ) -> dict[str, Any]:
     """Train a VQT probe on `train`, score `test`: `lp_acc1`, `lp_acc5`,
     `lp_mean_per_class_recall` (CLIP_benchmark's linear-probe names) in a results record."""
-    _check_probe_args(loaded, num_queries, epochs)
+    _check_probe_args(loaded, settings.queries, settings.epochs)
     visual = freeze(loaded.model).visual
     torch.manual_seed(seed)
-    probe = VQTProbe.for_tower(visual, num_queries, len(train.classnames)).to(device)
-    opts = dict(device=device, batch_size=batch_size, workers=workers)
-    hyper = dict(epochs=epochs, lr=lr, weight_decay=weight_decay)
+    probe = VQTProbe.for_tower(visual, settings.queries, len(train.classnames)).to(device)
+    opts = dict(device=device, batch_size=settings.batch_size, workers=workers)
+    hyper = dict(epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay)
     fit = train_vqt(
         probe, visual, train, **opts, **hyper, seed=seed, max_bad_fraction=max_bad_fraction
     )
     logits, labels = predict(probe, visual, test, **opts)
     metrics = classification_metrics(logits, labels)
-    settings = {
-        "num_queries": num_queries,
+    record = {
+        "num_queries": settings.queries,
         **hyper,
-        "batch_size": batch_size,
+        "batch_size": settings.batch_size,
         "trainable_parameters": sum(p.numel() for p in probe.parameters()),
     }
-    return results_dict(
-        dataset=train.name,
-        loaded=loaded,
-        task="linear_probe",
+    return probe_record(
+        loaded,
+        train,
+        test,
         metrics={f"lp_{name}": value for name, value in metrics.items()},
-        num_samples=len(labels),
-        extra=_probe_extra(train, test, fit, seed, settings),
+        counts=(fit["num_train"], len(labels)),
+        seed=seed,
+        method="vqt",
+        vqt={**record, "train_loss": fit["train_loss"]},
     )

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
-from clipkit.eval import DEFAULT_BATCH
+from clipkit.eval import LoaderSettings
 from clipkit.eval.embed import SkipCounter, check_skipped, encode_images, make_loader, progress
 from clipkit.eval.metrics import classification_metrics
 from clipkit.eval.results import results_dict
@@ -60,9 +60,7 @@ def run_zero_shot(
     data: ClassificationSet,
     *,
     device: torch.device,
-    batch_size: int = DEFAULT_BATCH,
-    workers: int = 2,
-    max_bad_fraction: float = 0.01,
+    reading: LoaderSettings = LoaderSettings(),
 ) -> dict[str, Any]:
     """Zero-shot metrics of `loaded` (a LoadedModel) on `data`, as a results record."""
     from clipkit.config import ConfigError
@@ -71,15 +69,15 @@ def run_zero_shot(
     classifier = zero_shot_classifier(
         loaded.model, loaded.tokenizer, data.classnames, data.templates, device
     )
-    loader = make_loader(data.dataset, batch_size, workers, collate_labelled)
+    loader = make_loader(data.dataset, reading.batch_size, reading.workers, collate_labelled)
     logits, targets, skipped = image_logits(
         loaded.model,
         classifier,
         loader,
         device,
         data.num_samples,
-        batch_size,
-        max_bad_fraction,
+        reading.batch_size,
+        reading.max_bad_fraction,
         where=f"{data.root} ({data.split})",
     )
     if int(targets.max()) >= len(data.classnames) or int(targets.min()) < 0:

@@ -13,11 +13,13 @@ from clipkit.config import ModelConfig
 from clipkit.data.eval_sets import classification_set
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.transforms import eval_transform
+from clipkit.eval import LoaderSettings
 from clipkit.eval.loading import LoadedModel
 from clipkit.eval.zero_shot import run_zero_shot
 from clipkit.models import factory
 
 root, model_name, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+READING = LoaderSettings(batch_size=128, workers=2)
 cfg = ModelConfig(name=model_name)
 torch.manual_seed(0)
 model = factory.build(cfg).eval()
@@ -58,7 +60,7 @@ ours, ref = [], []
 for rep in range(repeats + 1):  # the first round warms both up (page cache, lazy imports)
     data = classification_set("demo", root, "test", loaded.preprocess, task="shape")
     t = time.perf_counter()
-    out = run_zero_shot(loaded, data, device=torch.device("cpu"), batch_size=128, workers=2)
+    out = run_zero_shot(loaded, data, device=torch.device("cpu"), reading=READING)
     ours.append(out["clipkit"]["num_samples"] / (time.perf_counter() - t))
     data = classification_set("demo", root, "test", loaded.preprocess, task="shape")
     t = time.perf_counter()
