@@ -110,12 +110,22 @@ class ModelFamily:
         """Parameters both modalities use, each once (their own lr / weight decay group)."""
         return []
 
+    def logit_init_config(self, arch: dict) -> dict | None:
+        """The dict of `arch` whose `init_logit_scale` / `init_logit_bias` keys the model class
+        reads (None: the family has no such settings)."""
+        return None
+
     def set_logit_init(self, arch: dict, scale: float | None, bias: float | None) -> None:
         """Start the (log) logit scale at `scale` and give the model a learnable logit bias
         starting at `bias` (SigLIP); None leaves that part as the arch has it."""
-        raise ConfigError(
-            f"{self.name} models cannot take a logit scale / bias start (SigLIP needs a bias)"
-        )
+        target = self.logit_init_config(arch)
+        if target is None:
+            raise ConfigError(
+                f"{self.name} models cannot take a logit scale / bias start (SigLIP needs a bias)"
+            )
+        for key, value in (("init_logit_scale", scale), ("init_logit_bias", bias)):
+            if value is not None:
+                target[key] = value
 
     def apply_image_pool(self, model: nn.Module, pool: str) -> None:
         raise ConfigError(f"image pooling '{pool}' is not available for {self.name} models")

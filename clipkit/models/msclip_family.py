@@ -58,11 +58,8 @@ class MSCLIPFamily(ModelFamily):
     def shared_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return model.shared_parameters()
 
-    def set_logit_init(self, arch: dict, scale: float | None, bias: float | None) -> None:
-        if scale is not None:
-            arch["config"]["init_logit_scale"] = scale
-        if bias is not None:
-            arch["config"]["init_logit_bias"] = bias
+    def logit_init_config(self, arch: dict) -> dict:
+        return arch["config"]  # MSCLIPConfig.init_logit_scale / init_logit_bias
 
     def apply_image_pool(self, model: nn.Module, pool: str) -> None:
         visual = model.visual

@@ -201,12 +201,9 @@ class OpenClipFamily(ModelFamily):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"weights in {path} do not fit this model: {first}") from None
 
-    def set_logit_init(self, arch: dict, scale: float | None, bias: float | None) -> None:
+    def logit_init_config(self, arch: dict) -> dict:
         # open_clip's CLIP / CustomTextCLIP take both; with a bias, `forward` returns `logit_bias`
-        if scale is not None:
-            arch["model_cfg"]["init_logit_scale"] = scale
-        if bias is not None:
-            arch["model_cfg"]["init_logit_bias"] = bias
+        return arch["model_cfg"]
 
     def apply_image_pool(self, model: nn.Module, pool: str) -> None:
         pool_open_clip_vit(getattr(model, "visual", None), pool)
