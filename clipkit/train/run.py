@@ -18,10 +18,11 @@ from clipkit.data.pipeline import DataPosition, build_loader
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.devices import pick_device
 from clipkit.distributed import DistInfo
-from clipkit.methods import check_name
+from clipkit.methods import check_name, method_class
 from clipkit.methods.base import Method
 from clipkit.methods.restore import LoadedMethod, load_method, restore_optimizer
 from clipkit.run_dir import RunDir
+from clipkit.train.accumulate import check_accum_mode
 from clipkit.train.logging import log
 from clipkit.train.run_lock import RunLock
 from clipkit.train.trainer import Trainer, TrainingError, TrainState
@@ -130,6 +131,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
 
     validate(cfg)
     check_name(cfg.method.name)  # the config layer cannot see the registry; before any write
+    check_accum_mode(method_class(cfg.method.name), cfg.optim.accum_steps, cfg.optim.accum_mode)
     dist = distributed.env_info()
     # Only the main rank writes into the run directory, so only it takes the lock; it does so
     # before anything is written, which also proves the directory writable before any work.

@@ -1,6 +1,7 @@
 """The one generic training loop. It knows the Method interface and nothing about any method:
 `loss, parts = method(batch)`; backward; clip; optimizer step; `method.after_step`. Read it top to
-bottom: `fit` -> `_train_step` -> `_log` / `save`."""
+bottom: `fit` -> `_train_step` -> `_log` / `save`. The micro-batches of a step (exact or
+independent accumulation) are `clipkit.train.accumulate`'s."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from clipkit.config import Config
 from clipkit.data.pipeline import DataPosition
 from clipkit.distributed import DistInfo
 from clipkit.run_dir import RunDir
+from clipkit.train.accumulate import MicroSteps, exact_step, independent_step
 from clipkit.train.bad_data import bad_counts, too_many_bad
 from clipkit.train.logging import RunLog, log, plot_curves
 from clipkit.train.optim import lr_at, set_lr
@@ -154,20 +156,28 @@ class Trainer:
     def _train_step(self, batches) -> tuple[dict, float]:
         cfg, state = self.cfg, self.state
         set_lr(self.optimizer, lr_at(state.step, self.total_steps, cfg.optim))
-        wait, parts_sum = 0.0, {}
-        accum = cfg.optim.accum_steps
-        for micro in range(accum):
+        waits: list[float] = []
+
+        def fetch(micro: int) -> dict:
             t0 = time.perf_counter()
             batch = self._next_batch(batches, interruptible=micro == 0)
-            wait += time.perf_counter() - t0
+            waits.append(time.perf_counter() - t0)
             self._account_data(batch)
-            batch = self._to_device(batch)
-            sync = micro == accum - 1 or not self.dist.enabled
-            with nullcontext() if sync else self.engine.no_sync(), self._autocast():
-                loss, parts = self.engine(batch)
-            (loss / accum).backward()
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / accum
+            return self._to_device(batch)
+
+        steps = MicroSteps(
+            engine=self.engine,
+            method=self.method,
+            count=cfg.optim.accum_steps,
+            fetch=fetch,
+            sync=self._sync,
+            autocast=self._autocast,
+            backward=self._backward,
+            device=self.device,
+        )
+        exact = cfg.optim.accum_mode == "exact" and steps.count > 1  # K=1: the same step
+        parts_sum = exact_step(steps) if exact else independent_step(steps)
+        wait = sum(waits)
         if not self._finite(parts_sum["loss"]):
             return parts_sum, wait
         if cfg.optim.grad_clip:
@@ -179,6 +189,15 @@ class Trainer:
         self.method.after_step(state.step, self.total_steps)
         self._clamp_logit_scale()
         return parts_sum, wait
+
+    def _sync(self, all_reduce: bool):
+        """Around a micro-batch's forward: DDP all-reduces the gradients of its backward only
+        when `all_reduce` (the step's last micro-batch); the others accumulate locally."""
+        return nullcontext() if all_reduce or not self.dist.enabled else self.engine.no_sync()
+
+    def _backward(self, tensor: torch.Tensor) -> None:
+        """Every backward of a step that reaches the parameters goes through here."""
+        tensor.backward()
 
     def _next_batch(self, batches, interruptible: bool) -> dict:
         self.waiting_for_data = interruptible
