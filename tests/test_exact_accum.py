@@ -20,8 +20,8 @@ from clipkit.methods.base import Method
 from clipkit.train.accumulate import MicroSteps, check_accum_mode, exact_step, independent_step
 
 MICRO, K = 8, 4
-# method name -> (builder name, model preset, MethodConfig settings, whether one genuine batch of
-# 32 is the reference); aclip-random draws its blocks at random (Table 2a), so replay matters.
+# case -> (method name, model preset, MethodConfig settings, whether one genuine batch of 32 is
+# the reference); aclip-random draws its blocks at random (Table 2a), so replay matters.
 CASES = {
     "clip": ("clip", "test", {}, True),
     "flip": ("flip", "test", {"mask_ratio": 0.5}, False),
@@ -29,6 +29,7 @@ CASES = {
     "msclip-ln": ("clip", "msclip-tiny-ln", {}, True),  # no BatchNorm: one batch of 32
     "aclip": ("aclip", "test", {}, False),
     "aclip-random": ("aclip", "test", {"attentive": False}, False),
+    "aclip-ssl-only": ("aclip", "test", {"clip_weight": 0.0}, False),  # DDP finds unused ones
     "aclip-eff": ("aclip-eff", "test", {}, False),
     "attmask-high": ("attmask-high", "test", {}, False),
 }
@@ -229,19 +230,32 @@ def test_forward_is_embed_then_loss():
         assert all(v.shape[0] == MICRO for v in emb.values() if v.ndim)
 
 
-def test_methods_without_the_split_train_independent_only():
-    class ForwardOnly(Method):
-        name = "forward-only"
+@methods.register("forward-only")
+class ForwardOnly(Method):
+    """A method that overrides `forward` alone (as docs/extending.md's toy does)."""
 
-        def forward(self, batch):
-            raise AssertionError
+    name = "forward-only"
 
+    def __init__(self, cfg: MethodConfig, model: torch.nn.Module):
+        super().__init__(model)
+
+    def forward(self, batch):
+        raise AssertionError("never called here")
+
+
+def test_methods_without_the_split_train_independent_only(tmp_path, demo_root):
     check_accum_mode(ForwardOnly, 4, "independent")
     check_accum_mode(ForwardOnly, 1, "exact")
     with pytest.raises(ConfigError, match="--accum-mode independent"):
         check_accum_mode(ForwardOnly, 2, "exact")
-    for name in methods.list_methods():
+    for name in ("clip", "flip", "aclip", "aclip-eff", "attmask-high"):  # the built-in ones
         check_accum_mode(methods.method_class(name), 2, "exact")
+    run = tmp_path / "run"
+    line = user_error(
+        "pretrain", "--data", demo_root / "train", "--out", run, "--model", "test",
+        "--method", "forward-only", "--steps", 1, "--accum-steps", 2,
+    )  # fmt: skip
+    assert "--accum-mode independent" in line and not run.exists()
 
 
 def test_runs_saved_before_accum_mode_resume_independent():
