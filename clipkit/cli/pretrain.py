@@ -87,8 +87,8 @@ FLAGS = [
         "--accum-steps",
         "optim.accum_steps",
         int,
-        "Micro-batches per optimizer step; the batch of a step is K x --batch-size x ranks "
-        "(see --accum-mode).",
+        "Micro-batches per optimizer step, K: a step trains on K x --batch-size x ranks "
+        "samples (see --accum-mode).",
     ),
     (
         "--accum-mode",
@@ -97,8 +97,8 @@ FLAGS = [
         "With --accum-steps K > 1: exact (default) computes the loss of the whole accumulated "
         "batch, every sample contrasted with every other, holding one micro-batch's "
         "activations (gradient caching: an extra forward per micro-batch, about 4/3 of the "
-        "compute); independent makes each micro-batch its own contrastive problem (B-way "
-        "contrast; cheaper, a weaker model).",
+        "compute); independent makes each micro-batch its own contrastive problem (samples "
+        "contrasted within their micro-batch only: cheaper, a weaker model).",
     ),
     (
         "--shared-lr",
