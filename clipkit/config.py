@@ -83,6 +83,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None disables
     schedule: str = "cosine"  # cosine | constant
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
+    accum_mode: str = "exact"  # exact | independent: see clipkit.train.accumulate
     # MS-CLIP: parameters both modalities use get their own lr / weight decay (LR_SHARE, WD_SHARE
     # of the released configs); None = same as the rest.
     shared_lr: float | None = None
@@ -333,6 +334,7 @@ def validate(cfg: Config) -> Config:
     _check(o.weight_decay >= 0, "--weight-decay must be >= 0")
     _check(o.schedule in ("cosine", "constant"), "--schedule must be cosine or constant")
     _check(o.accum_steps >= 1, "--accum-steps must be >= 1")
+    _check(o.accum_mode in ("exact", "independent"), "--accum-mode must be exact or independent")
     _check(o.grad_clip is None or o.grad_clip > 0, "--grad-clip must be > 0")
     _check(0 <= m.mask_ratio < 1, "--mask-ratio must be within [0, 1)")
     _check(0 < m.keep_ratio <= 1, "--keep-ratio must be within (0, 1]")
@@ -374,9 +376,15 @@ CHANGEABLE_ON_RESUME = {
 }
 
 
+def with_legacy_defaults(saved: dict) -> dict:
+    """A saved run config plus what its run used for options added since: runs saved before
+    `optim.accum_mode` existed accumulated independently."""
+    return {**saved, "optim": {"accum_mode": "independent", **(saved.get("optim") or {})}}
+
+
 def check_resume(cfg: Config, saved: dict) -> None:
     """Refuse a resume that changes what the saved run (its checkpoint's config) trains."""
-    before = Config.from_dict(saved)
+    before = Config.from_dict(with_legacy_defaults(saved))
     changed = []
     for section in SECTIONS:
         for f in fields(getattr(cfg, section)):

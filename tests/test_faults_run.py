@@ -225,6 +225,7 @@ def short_run(tmp_path_factory, demo_root):
         (["--image-pool", "avg"], "model.image_pool (saved 'cls', given 'avg')"),
         (["--text-key", "caption"], "data.text_key (saved 'txt', given 'caption')"),
         (["--accum-steps", 2], "optim.accum_steps (saved 1, given 2)"),
+        (["--accum-mode", "independent"], "optim.accum_mode (saved 'exact', given 'independent')"),
     ],
 )
 def test_resume_refuses_options_that_change_what_the_run_trains(short_run, flags, needle):

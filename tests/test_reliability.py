@@ -61,13 +61,17 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, demo_root):
+# exact accumulation replays FLIP's token draws in its second pass: resume must stay exact
+@pytest.mark.parametrize("extra", [[], ["--method", "flip", "--accum-steps", 2]])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, demo_root, extra):
     data = demo_root / "train"
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(data, ref, 12, "--save-every", 5), check=True, capture_output=True)
+    subprocess.run(_cmd(data, ref, 12, "--save-every", 5, *extra), check=True, capture_output=True)
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cmd(data, run, 12, "--save-every", 5), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+        _cmd(data, run, 12, "--save-every", 5, *extra),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
     )
     _wait_for(run / "checkpoints" / "latest.pt", proc)
     proc.send_signal(signal.SIGKILL)
@@ -75,7 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, demo_root):
     saved_step = checkpoint.load(run)["step"]
     assert saved_step in (5, 10)
     subprocess.run(
-        _cmd(data, run, 12, "--save-every", 5, "--resume"), check=True, capture_output=True
+        _cmd(data, run, 12, "--save-every", 5, "--resume", *extra), check=True, capture_output=True
     )
     want, got = _losses(ref), _losses(run)
     assert sorted(got) == list(range(1, 13))

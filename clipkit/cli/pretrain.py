@@ -87,7 +87,18 @@ FLAGS = [
         "--accum-steps",
         "optim.accum_steps",
         int,
-        "Micro-batches per optimizer step (each micro-batch is its own contrastive problem).",
+        "Micro-batches per optimizer step, K: a step trains on K x --batch-size x ranks "
+        "samples (see --accum-mode).",
+    ),
+    (
+        "--accum-mode",
+        "optim.accum_mode",
+        click.Choice(["exact", "independent"]),
+        "With --accum-steps K > 1: exact (default) computes the loss of the whole accumulated "
+        "batch, every sample contrasted with every other, holding one micro-batch's "
+        "activations (gradient caching: an extra forward per micro-batch, about 4/3 of the "
+        "compute); independent makes each micro-batch its own contrastive problem (samples "
+        "contrasted within their micro-batch only: cheaper, a weaker model).",
     ),
     (
         "--shared-lr",
@@ -226,7 +237,7 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
     """defaults <- saved run config (with --resume) <- YAML file <- flags, each value converted to
     its option's type. On resume, options that define what the run trains must keep their saved
     values (`clipkit.config.check_resume`, applied against the checkpoint when training starts)."""
-    from clipkit.config import Config, ConfigError, load_yaml, merge
+    from clipkit.config import Config, ConfigError, load_yaml, merge, with_legacy_defaults
     from clipkit.run_dir import RunDir
 
     cfg = Config()
@@ -236,7 +247,7 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = RunDir(out).config
         if saved.is_file():
-            merge(cfg, load_yaml(saved), source=str(saved))
+            merge(cfg, with_legacy_defaults(load_yaml(saved)), source=str(saved))
     if config_file:
         merge(cfg, load_yaml(config_file), source=f"config file {config_file}")
     merge(cfg, flags, source="the command-line flags")

@@ -23,7 +23,7 @@ from clipkit.config import ConfigError, MethodConfig
 from clipkit.data.views import ViewSpec
 from clipkit.losses import byol_loss, clip_loss, nt_xent
 from clipkit.methods import register
-from clipkit.methods.base import Method
+from clipkit.methods.base import Embeddings, LossParts, Method
 from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
 from clipkit.models.vit import cls_attention, forward_kept, patch_grid, require_vit
 
@@ -95,6 +95,12 @@ def keep_blocks(
     within = ((r % BLOCK)[:, None] * BLOCK + (c % BLOCK)[None, :]).flatten()  # (N,)
     key = rank[:, patch_block] * BLOCK * BLOCK + within  # (M, N): unique, grouped by block rank
     return key.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+
+
+def _sample_major(x: torch.Tensor, num_views: int) -> torch.Tensor:
+    """(V*B, E) view-major -> (B, V, E), so micro-batches concatenate on dim 0 (`.transpose(0,
+    1).contiguous()` turns it back into the exact layout the losses are computed on)."""
+    return x.view(num_views, -1, x.shape[-1]).transpose(0, 1)
 
 
 def _vit_tower(model: nn.Module):
@@ -212,10 +218,14 @@ class ACLIPMethod(Method):
         out["keep_idx"] = keep.view(num_views, batch_size, -1)
         return out
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embed(self, batch: dict) -> Embeddings:
+        """Token choice, online towers, heads: (B, V, E) `image_features`, `simclr`,
+        `byol_prediction`, (B, E) `text_features`, `byol_target` (the EMA teacher's, no grad),
+        `logit_scale`. The heads' BatchNorm sees both views of this batch: one micro-batch
+        under accumulation, as DDP keeps it per rank."""
         cfg = self.cfg
         views = batch["views"]  # (V, B, 3, S, S)
-        num_views, batch_size = views.shape[:2]
+        num_views = views.shape[0]
         if num_views != cfg.num_views:
             raise ValueError(f"batch has {num_views} views, method expects {cfg.num_views}")
         selection = self.select_tokens(batch)
@@ -223,12 +233,28 @@ class ACLIPMethod(Method):
         features, pooled = forward_kept(
             self.model.visual, views.flatten(0, 1), keep_idx, return_pooled=True
         )  # (V*B, E), (V*B, width)
-        loss = features.new_zeros(())
+        emb: dict[str, torch.Tensor] = {}
+        if cfg.clip_weight > 0:
+            emb["image_features"] = _sample_major(F.normalize(features, dim=-1), num_views)
+            emb["text_features"] = self.model.encode_text(batch["text"], normalize=True)  # once
+            emb["logit_scale"] = self.model.logit_scale.exp()
+        if self.simclr_head is not None:
+            emb["simclr"] = _sample_major(self.simclr_head(pooled), num_views)  # BN: both views
+        if self.byol_projector is not None:
+            with torch.no_grad():
+                emb["byol_target"] = self.teacher_projector(selection["teacher_pooled"])
+            prediction = self.byol_predictor(self.byol_projector(pooled))  # (V*B, E_ssl)
+            emb["byol_prediction"] = _sample_major(prediction, num_views)
+        return emb
+
+    def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
+        """CLIP per view, SimCLR between views over all of `emb` (gathered); BYOL's mean."""
+        cfg, num_views = self.cfg, self.cfg.num_views
+        loss = next(v for v in emb.values() if v.ndim).new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
         if cfg.clip_weight > 0:
-            image_features = F.normalize(features, dim=-1).view(num_views, batch_size, -1)
-            text_features = self.model.encode_text(batch["text"], normalize=True)  # once
-            logit_scale = self.model.logit_scale.exp()
+            image_features = emb["image_features"].transpose(0, 1).contiguous()  # (V, B, E)
+            text_features, logit_scale = emb["text_features"], emb["logit_scale"]
             parts = [
                 clip_loss(image_features[v], text_features, logit_scale) for v in range(num_views)
             ]
@@ -236,16 +262,14 @@ class ACLIPMethod(Method):
             metrics.update({f"clip_loss_view{v}": p.detach() for v, p in enumerate(parts)})
             metrics["clip_loss"] = torch.stack(parts).mean().detach()
             metrics["logit_scale"] = logit_scale.detach()
-        if self.simclr_head is not None:
-            z = self.simclr_head(pooled).view(num_views, batch_size, -1)  # BN over both views
+        if "simclr" in emb:
+            z = emb["simclr"].transpose(0, 1).contiguous()
             simclr = nt_xent(z[0], z[1], cfg.simclr_temperature)
             loss = loss + cfg.simclr_weight * simclr
             metrics["simclr_loss"] = simclr.detach()
-        if self.byol_projector is not None:
-            with torch.no_grad():
-                target = self.teacher_projector(selection["teacher_pooled"])  # (B, E_ssl)
-            prediction = self.byol_predictor(self.byol_projector(pooled))  # (V*B, E_ssl)
-            byol = byol_loss(prediction, target.repeat(num_views, 1))
+        if "byol_prediction" in emb:
+            prediction = emb["byol_prediction"].transpose(0, 1).flatten(0, 1)  # (V*B, E_ssl)
+            byol = byol_loss(prediction, emb["byol_target"].repeat(num_views, 1))
             loss = loss + cfg.byol_weight * byol
             metrics["byol_loss"] = byol.detach()
         metrics["loss"] = loss.detach()
@@ -327,7 +351,8 @@ class FLIPMethod(Method):
         _vit_tower(model)
         self.mask_ratio = cfg.mask_ratio
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embed(self, batch: dict) -> Embeddings:
+        """`image_features` of the kept tokens and `text_features` (B, E), `logit_scale`."""
         images = batch["image"]  # (B, 3, H, W)
         rows, cols = patch_grid(self.model.visual, images)
         n_patches = rows * cols
@@ -338,9 +363,12 @@ class FLIPMethod(Method):
             keep_idx = noise.topk(n_keep, dim=1).indices  # (B, K) a uniform random subset
         image_features = F.normalize(forward_kept(self.model.visual, images, keep_idx), dim=-1)
         text_features = self.model.encode_text(batch["text"], normalize=True)
-        logit_scale = self.model.logit_scale.exp()
-        loss = clip_loss(image_features, text_features, logit_scale)
-        return loss, {"clip_loss": loss.detach(), "logit_scale": logit_scale.detach()}
+        scale = self.model.logit_scale.exp()
+        return dict(image_features=image_features, text_features=text_features, logit_scale=scale)
+
+    def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
+        loss = clip_loss(emb["image_features"], emb["text_features"], emb["logit_scale"])
+        return loss, {"clip_loss": loss.detach(), "logit_scale": emb["logit_scale"].detach()}
 
 
 def _named(method: Method, name: str) -> Method:

@@ -4,6 +4,11 @@ A method owns the model being trained plus whatever else it needs (an EMA teache
 heads, loss weights). It is an `nn.Module`, so DDP wraps it whole and its extra state rides in
 `state_dict()`. `forward(batch)` is the training step; it has no side effects: the EMA update
 happens in `after_step`, after the optimizer step (as in dinov2 / BYOL).
+
+The step is split in two so that a large batch can be trained in micro-batches exactly (gradient
+caching, Gao et al. 2021, arXiv 2101.06983; `clipkit.train.accumulate`): `embed(batch)` is
+everything that touches parameters, `loss_from_embeddings(emb)` the loss over embeddings only.
+`forward(batch)` is the one composed with the other.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import torch
 from torch import nn
 
 from clipkit.data.views import ViewSpec
+
+Embeddings = dict[str, torch.Tensor]  # `embed`'s output: per-sample (batch on dim 0) and 0-dim
+LossParts = tuple[torch.Tensor, dict[str, torch.Tensor]]  # the loss, its parts for the log
 
 
 class Method(nn.Module):
@@ -40,9 +48,38 @@ class Method(nn.Module):
     def views(self) -> ViewSpec:
         return ViewSpec()
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One training step's loss and its named parts (detached scalars) for logging."""
-        raise NotImplementedError
+    def forward(self, batch: dict, embed_only: bool = False) -> LossParts | Embeddings:
+        """One training step's loss and its named parts (detached scalars) for logging.
+
+        With `embed_only`, `embed(batch)` alone: DDP hooks `forward`, so the gradient-cached
+        step reaches `embed` through this flag (a keyword, not a mode attribute, so no state can
+        be left switched on). A subclass may override `forward` instead of implementing the
+        split; it then trains with `--accum-mode independent` only (see `splits_loss`)."""
+        emb = self.embed(batch)
+        return emb if embed_only else self.loss_from_embeddings(emb)
+
+    def embed(self, batch: dict) -> Embeddings:
+        """Everything of the step that touches parameters: per-sample tensors (batch on dim 0)
+        and 0-dim model outputs (the exp'd logit scale). Tensors that need no gradient (a frozen
+        teacher's targets) may be among them. Randomness is drawn from the torch generators, so
+        replaying their state replays the draws."""
+        raise NotImplementedError(f"method '{self.name}' does not split embed / loss")
+
+    def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
+        """The loss and its logged parts from `embed`'s output alone (no parameter is used;
+        buffers may be read), gathered across ranks as the losses do. `emb` may hold several
+        micro-batches concatenated on dim 0 (one value of each 0-dim entry)."""
+        raise NotImplementedError(f"method '{self.name}' does not split embed / loss")
+
+    @classmethod
+    def splits_loss(cls) -> bool:
+        """Whether the class implements the embed / loss split through `Method.forward` (what
+        exact accumulation needs); a method that overrides `forward` alone does not."""
+        return (
+            cls.forward is Method.forward
+            and cls.embed is not Method.embed
+            and cls.loss_from_embeddings is not Method.loss_from_embeddings
+        )
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

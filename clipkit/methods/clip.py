@@ -8,16 +8,22 @@ import torch
 from clipkit.config import MethodConfig
 from clipkit.losses import clip_loss
 from clipkit.methods import register
-from clipkit.methods.base import Method
+from clipkit.methods.base import Embeddings, LossParts, Method
 
 
 class CLIPMethod(Method):
     name = "clip"
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embed(self, batch: dict) -> Embeddings:
+        """The model's outputs: L2-normalised `image_features`, `text_features` (B, D) and the
+        exp'd `logit_scale`. MS-CLIP's BatchNorm (its parallel branch) normalises over the batch
+        given here: per micro-batch under accumulation, as DDP keeps it per rank."""
         out = self.model(batch["image"], batch["text"])
-        loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        return loss, {"clip_loss": loss.detach(), "logit_scale": out["logit_scale"].detach()}
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+    def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
+        loss = clip_loss(emb["image_features"], emb["text_features"], emb["logit_scale"])
+        return loss, {"clip_loss": loss.detach(), "logit_scale": emb["logit_scale"].detach()}
 
 
 @register("clip", CLIPMethod)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from clipkit import checkpoint
+from clipkit import checkpoint, distributed, methods
 from clipkit.config import Config, ConfigError, load_yaml, save_yaml, validate
 from clipkit.data.pipeline import DataPosition, build_loader
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.devices import pick_device
 from clipkit.distributed import DistInfo
-from clipkit.methods import check_name
+from clipkit.methods import check_name, method_class
 from clipkit.methods.base import Method
 from clipkit.methods.restore import (
     LoadedMethod,
@@ -26,8 +26,12 @@ from clipkit.methods.restore import (
     restore_grad_scaler,
     restore_optimizer,
 )
+from clipkit.models import factory
 from clipkit.run_dir import RunDir
+from clipkit.train.accumulate import check_accum_mode
 from clipkit.train.logging import log
+from clipkit.train.optim import build_optimizer
+from clipkit.train.rng import set_rng_state
 from clipkit.train.run_lock import RunLock
 from clipkit.train.trainer import Trainer, TrainingError, TrainState
 
@@ -131,10 +135,9 @@ def _write_failure(e: OSError, run_dir: Path) -> str | None:
 
 
 def pretrain(cfg: Config, resume: bool = False) -> dict:
-    from clipkit import distributed
-
     validate(cfg)
     check_name(cfg.method.name)  # the config layer cannot see the registry; before any write
+    check_accum_mode(method_class(cfg.method.name), cfg.optim.accum_steps, cfg.optim.accum_mode)
     dist = distributed.env_info()
     # Only the main rank writes into the run directory, so only it takes the lock; it does so
     # before anything is written, which also proves the directory writable before any work.
@@ -144,10 +147,6 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
 
 
 def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
-    from clipkit import distributed
-    from clipkit.models import factory
-    from clipkit.train.optim import build_optimizer
-
     layout = RunDir(run_dir)
     device = pick_device(cfg.run.device, dist)
     set_threads(cfg, dist)
@@ -160,7 +159,7 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
         shared = factory.shared_parameters(method.model, cfg.model.arch)
         optimizer = build_optimizer(method, cfg.optim, device, shared)
         if saved is not None:
-            state = _restore(saved, optimizer, dist, cfg.data.workers)
+            state = _restore(saved, optimizer, dist, cfg.data.workers, device)
         loader, info = build_loader(
             cfg.data,
             preprocess,
@@ -208,9 +207,6 @@ def _build_method(
     cfg: Config, resume_from: Path | None, device: torch.device
 ) -> tuple[LoadedMethod | None, Method]:
     """The method to train, seeded; on resume rebuilt from the checkpoint (also returned)."""
-    from clipkit import methods
-    from clipkit.models import factory
-
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     if resume_from is None:
@@ -219,7 +215,9 @@ def _build_method(
     return saved, saved.method.to(device)
 
 
-def _restore(loaded: LoadedMethod, optimizer, dist: DistInfo, workers: int) -> TrainState:
+def _restore(
+    loaded: LoadedMethod, optimizer, dist: DistInfo, workers: int, device: torch.device
+) -> TrainState:
     """The optimizer, data position and RNG of a resumed run (its weights are in `loaded`)."""
     restore_optimizer(loaded.checkpoint, optimizer)
     saved = loaded.checkpoint.state
@@ -238,9 +236,7 @@ def _restore(loaded: LoadedMethod, optimizer, dist: DistInfo, workers: int) -> T
         position = DataPosition()
     else:
         position = DataPosition.from_state(positions[dist.rank])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["rng"]["cuda"], torch.cuda.current_device())
+    set_rng_state(saved["rng"], device)
     return TrainState(
         step=saved["step"],
         samples_seen=saved["samples_seen"],

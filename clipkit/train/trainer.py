@@ -1,7 +1,8 @@
 """The one generic training loop. It knows the Method interface and nothing about any method:
 `loss, parts = method(batch)`; backward; clip; optimizer step; `method.after_step`. Read it top to
-bottom: `fit` -> `_train_step` (-> `_backward`, `_optimizer_step`) -> `_log` / `save`. fp16's
-loss scaling: `clipkit.train.precision`."""
+bottom: `fit` -> `_train_step` (-> `_backward`, `_optimizer_step`) -> `_log` / `save`. The
+micro-batches of a step (exact or independent accumulation) are `clipkit.train.accumulate`'s;
+fp16's loss scaling is `clipkit.train.precision`'s."""
 
 from __future__ import annotations
 
@@ -14,17 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from clipkit import checkpoint
 from clipkit.config import Config
 from clipkit.data.pipeline import DataPosition
-from clipkit.distributed import DistInfo
+from clipkit.distributed import DistInfo, all_reduce_mean
 from clipkit.run_dir import RunDir
+from clipkit.train.accumulate import MicroSteps, exact_step, independent_step
 from clipkit.train.bad_data import bad_counts, too_many_bad
 from clipkit.train.logging import RunLog, log, plot_curves
 from clipkit.train.optim import lr_at, set_lr
 from clipkit.train.precision import autocast, resolve_precision, scaled_step, scaler_record
+from clipkit.train.rng import rng_state
+from clipkit.train.saving import first_non_finite, gather_positions, prune
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
 
@@ -83,8 +90,6 @@ class Trainer:
     def _wrap_ddp(self, method: nn.Module) -> nn.Module:
         if not self.dist.enabled:
             return method
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         if self.device.type == "cuda":
             # BatchNorm in heads/branches (A-CLIP SSL heads, MS-CLIP's branch) sees the global
             # batch; SyncBatchNorm has no CPU kernel, so gloo runs keep per-rank statistics.
@@ -153,20 +158,28 @@ class Trainer:
     def _train_step(self, batches) -> tuple[dict, float]:
         cfg, state = self.cfg, self.state
         set_lr(self.optimizer, lr_at(state.step, self.total_steps, cfg.optim))
-        wait, parts_sum = 0.0, {}
-        accum = cfg.optim.accum_steps
-        for micro in range(accum):
+        waits: list[float] = []
+
+        def fetch(micro: int) -> dict:
             t0 = time.perf_counter()
             batch = self._next_batch(batches, interruptible=micro == 0)
-            wait += time.perf_counter() - t0
+            waits.append(time.perf_counter() - t0)
             self._account_data(batch)
-            batch = self._to_device(batch)
-            sync = micro == accum - 1 or not self.dist.enabled
-            with nullcontext() if sync else self.engine.no_sync(), self._autocast():
-                loss, parts = self.engine(batch)
-            self._backward(loss / accum)
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / accum
+            return self._to_device(batch)
+
+        steps = MicroSteps(
+            engine=self.engine,
+            method=self.method,
+            count=cfg.optim.accum_steps,
+            fetch=fetch,
+            sync=self._sync,
+            autocast=self._autocast,
+            backward=self._backward,
+            device=self.device,
+        )
+        exact = cfg.optim.accum_mode == "exact" and steps.count > 1  # K=1: the same step
+        parts_sum = exact_step(steps) if exact else independent_step(steps)
+        wait = sum(waits)
         if not self._finite(parts_sum["loss"]):
             return parts_sum, wait
         self._optimizer_step()
@@ -176,9 +189,15 @@ class Trainer:
         self._clamp_logit_scale()
         return parts_sum, wait
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate `loss`, times the loss scale under fp16 (as it is under fp32/bf16)."""
-        self.scaler.scale(loss).backward()
+    def _sync(self, all_reduce: bool):
+        """Around a micro-batch's forward: DDP all-reduces the gradients of its backward only
+        when `all_reduce` (the step's last micro-batch); the others accumulate locally."""
+        return nullcontext() if all_reduce or not self.dist.enabled else self.engine.no_sync()
+
+    def _backward(self, tensor: torch.Tensor) -> None:
+        """Every backward of a step that reaches the parameters goes through here: times the
+        loss scale under fp16 (the scaler is off, a plain backward, under fp32/bf16)."""
+        self.scaler.scale(tensor).backward()
 
     def _optimizer_step(self) -> None:
         """Unscale, clip, step; count a step the fp16 scaler skips (inf/nan gradients). The
@@ -248,8 +267,6 @@ class Trainer:
     def _progress(self):
         if not self.dist.is_main:
             return None
-        from tqdm import tqdm
-
         return tqdm(
             total=self.total_steps,
             initial=self.state.step,
@@ -260,8 +277,6 @@ class Trainer:
         )
 
     def _log(self, parts: dict, window: dict, progress) -> None:
-        from clipkit.distributed import all_reduce_mean
-
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
         values = {k: float(all_reduce_mean(v.detach())) for k, v in parts.items()}
         bad_total, seen = self._bad_counts()
@@ -306,8 +321,6 @@ class Trainer:
         """A signal on any rank stops every rank at the same step."""
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
         if self.dist.enabled:
-            import torch.distributed as tdist
-
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         if flag.item() and not self.stop_requested:
             self.stop_requested = "peer"
@@ -328,7 +341,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path | None:
-        positions = self._gather_positions()
+        positions = gather_positions(self.state.position.state(), self.dist)
         if not self.dist.is_main:
             self.saved_step = self.state.step
             return None
@@ -345,7 +358,7 @@ class Trainer:
             "data_position": positions,
             "world_size": self.dist.world_size,
             "workers": self.cfg.data.workers,
-            "rng": self._rng_state(),
+            "rng": rng_state(self.device),
         }
         if self.scaler.is_enabled():  # fp16: loss scale and growth tracker, for exact resume
             state["grad_scaler"] = self.scaler.state_dict()
@@ -358,7 +371,7 @@ class Trainer:
                 f"cannot write {step_path}: {e.strerror or e}; {self._checkpoint_note()}"
             ) from None
         self.saved_step = self.state.step
-        self._prune()
+        prune(self.layout, self.cfg.run.keep_last)
         return step_path
 
     def _checkpoint_note(self) -> str:
@@ -367,33 +380,10 @@ class Trainer:
             return "no checkpoint was written yet: run the command again without --resume"
         return f"the checkpoint of step {self.saved_step} is intact: continue with --resume"
 
-    def _rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _gather_positions(self) -> list[dict]:
-        mine = self.state.position.state()
-        if not self.dist.enabled:
-            return [mine]
-        import torch.distributed as tdist
-
-        out: list = [None] * self.dist.world_size
-        tdist.all_gather_object(out, mine)
-        return out
-
     def _check_weights_finite(self) -> None:
-        for name, p in self.method.named_parameters():
-            if not torch.isfinite(p).all():
-                raise TrainingError(
-                    f"parameter {name} is non-finite at step {self.state.step}; "
-                    f"not saving it ({self._checkpoint_note()})"
-                )
-
-    def _prune(self) -> None:
-        keep = self.cfg.run.keep_last
-        if not keep:
-            return
-        for old in self.layout.step_checkpoints()[:-keep]:
-            old.unlink(missing_ok=True)
+        name = first_non_finite(self.method)
+        if name is not None:
+            raise TrainingError(
+                f"parameter {name} is non-finite at step {self.state.step}; "
+                f"not saving it ({self._checkpoint_note()})"
+            )
