@@ -217,7 +217,8 @@ def test_independent_mode_is_the_old_step(case):
 
 
 def test_forward_is_embed_then_loss():
-    """`forward` is the composition, bit for bit, and `embed_only` returns the embeddings."""
+    """`forward` is the composition (`embed`, then `objective`), bit for bit; `embed_only` returns
+    the embeddings."""
     for case in ("clip", "flip", "aclip"):
         method = build(case)
         batch = split(full_batch(method), K)[0]
@@ -225,7 +226,7 @@ def test_forward_is_embed_then_loss():
         loss, parts = method(batch)
         torch.manual_seed(5)
         emb = method(batch, embed_only=True)
-        loss2, parts2 = method.loss_from_embeddings(emb)
+        loss2, parts2 = method.objective(emb)
         assert torch.equal(loss, loss2) and parts.keys() == parts2.keys()
         assert all(v.shape[0] == MICRO for v in emb.values() if v.ndim)
 

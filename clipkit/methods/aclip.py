@@ -21,9 +21,9 @@ from torch import nn
 
 from clipkit.config import ConfigError, MethodConfig
 from clipkit.data.views import ViewSpec
-from clipkit.losses import byol_loss, clip_loss, nt_xent
+from clipkit.losses import byol_loss, nt_xent
 from clipkit.methods import register
-from clipkit.methods.base import Embeddings, LossParts, Method
+from clipkit.methods.base import Embeddings, LossParts, Method, scale_parts
 from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
 from clipkit.models.vit import cls_attention, forward_kept, patch_grid, require_vit
 
@@ -237,7 +237,7 @@ class ACLIPMethod(Method):
         if cfg.clip_weight > 0:
             emb["image_features"] = _sample_major(F.normalize(features, dim=-1), num_views)
             emb["text_features"] = self.model.encode_text(batch["text"], normalize=True)  # once
-            emb["logit_scale"] = self.model.logit_scale.exp()
+            emb.update(self.model_scales())
         if self.simclr_head is not None:
             emb["simclr"] = _sample_major(self.simclr_head(pooled), num_views)  # BN: both views
         if self.byol_projector is not None:
@@ -254,14 +254,14 @@ class ACLIPMethod(Method):
         metrics: dict[str, torch.Tensor] = {}
         if cfg.clip_weight > 0:
             image_features = emb["image_features"].transpose(0, 1).contiguous()  # (V, B, E)
-            text_features, logit_scale = emb["text_features"], emb["logit_scale"]
+            text_features, name = emb["text_features"], self.contrastive_name
             parts = [
-                clip_loss(image_features[v], text_features, logit_scale) for v in range(num_views)
+                self.contrastive(image_features[v], text_features, emb) for v in range(num_views)
             ]
             loss = loss + cfg.clip_weight * torch.stack(parts).mean()  # 0.5 each for 2 views
-            metrics.update({f"clip_loss_view{v}": p.detach() for v, p in enumerate(parts)})
-            metrics["clip_loss"] = torch.stack(parts).mean().detach()
-            metrics["logit_scale"] = logit_scale.detach()
+            metrics.update({f"{name}_view{v}": p.detach() for v, p in enumerate(parts)})
+            metrics[name] = torch.stack(parts).mean().detach()
+            metrics.update(scale_parts(emb))
         if "simclr" in emb:
             z = emb["simclr"].transpose(0, 1).contiguous()
             simclr = nt_xent(z[0], z[1], cfg.simclr_temperature)
@@ -363,12 +363,13 @@ class FLIPMethod(Method):
             keep_idx = noise.topk(n_keep, dim=1).indices  # (B, K) a uniform random subset
         image_features = F.normalize(forward_kept(self.model.visual, images, keep_idx), dim=-1)
         text_features = self.model.encode_text(batch["text"], normalize=True)
-        scale = self.model.logit_scale.exp()
-        return dict(image_features=image_features, text_features=text_features, logit_scale=scale)
+        return dict(
+            image_features=image_features, text_features=text_features, **self.model_scales()
+        )
 
     def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
-        loss = clip_loss(emb["image_features"], emb["text_features"], emb["logit_scale"])
-        return loss, {"clip_loss": loss.detach(), "logit_scale": emb["logit_scale"].detach()}
+        loss = self.contrastive(emb["image_features"], emb["text_features"], emb)
+        return loss, {self.contrastive_name: loss.detach(), **scale_parts(emb)}
 
 
 def _named(method: Method, name: str) -> Method:

@@ -9,6 +9,12 @@ The step is split in two so that a large batch can be trained in micro-batches e
 caching, Gao et al. 2021, arXiv 2101.06983; `clipkit.train.accumulate`): `embed(batch)` is
 everything that touches parameters, `loss_from_embeddings(emb)` the loss over embeddings only.
 `forward(batch)` is the one composed with the other.
+
+Two choices every method shares live here, not in each method (`set_objectives`): the contrastive
+loss (`clip`: InfoNCE; `siglip`: the pairwise sigmoid loss of Zhai et al. 2023, arXiv 2303.15343,
+with the model's learnable logit bias), and distillation from a frozen teacher (its image / text
+features join `embed`'s output without a graph, and `objective` adds the KL of its similarity
+distributions, clipkit.losses.distill_loss).
 """
 
 from __future__ import annotations
@@ -16,10 +22,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipkit.config import ConfigError
+from clipkit.data.preprocess import Preprocess
 from clipkit.data.views import ViewSpec
+from clipkit.losses import clip_loss, distill_loss, siglip_loss
 
 Embeddings = dict[str, torch.Tensor]  # `embed`'s output: per-sample (batch on dim 0) and 0-dim
 LossParts = tuple[torch.Tensor, dict[str, torch.Tensor]]  # the loss, its parts for the log
+CONTRASTIVE_LOSSES = ("clip", "siglip")
+
+
+def scale_parts(emb: Embeddings) -> dict[str, torch.Tensor]:
+    """The logged logit scale (exp'd), and the logit bias where the model has one."""
+    parts = {"logit_scale": emb["logit_scale"].detach()}
+    if "logit_bias" in emb:
+        parts["logit_bias"] = emb["logit_bias"].detach()
+    return parts
 
 
 class Method(nn.Module):
@@ -43,20 +61,94 @@ class Method(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.loss_kind = "clip"
+        # A frozen `clipkit.methods.teacher.Teacher`, or None. A plain attribute, not a module:
+        # its weights are not the method's state (checkpoints record its path and sha256).
+        self.teacher = None
+        self.distill_weight = 0.0
+        self.student_preprocess: Preprocess | None = None
+
+    def set_objectives(
+        self,
+        loss: str = "clip",
+        teacher=None,
+        distill_weight: float = 1.0,
+        preprocess: Preprocess | None = None,
+    ) -> None:
+        """The contrastive loss, and an optional teacher to distil from (with the student's
+        preprocessing, which the teacher's inputs are adapted from)."""
+        if loss not in CONTRASTIVE_LOSSES:
+            raise ConfigError(f"unknown --loss '{loss}' (known: {', '.join(CONTRASTIVE_LOSSES)})")
+        if teacher is not None and self.views != ViewSpec():
+            raise ConfigError(
+                f"--distill-from: method '{self.name}' trains on several image views; "
+                "distillation works with single-view methods (clip, flip, MS-CLIP's clip)"
+            )
+        self.loss_kind, self.teacher, self.distill_weight = loss, teacher, distill_weight
+        self.student_preprocess = preprocess
+
+    def model_scales(self) -> Embeddings:
+        """The model's exp'd `logit_scale`, and its `logit_bias` where it has one (SigLIP), as
+        `embed` outputs (0-dim: accumulation gives their gradient once)."""
+        scales = {"logit_scale": self.model.logit_scale.exp()}
+        bias = getattr(self.model, "logit_bias", None)  # open_clip sets it to None when unused
+        if bias is not None:
+            scales["logit_bias"] = bias
+        return scales
+
+    @property
+    def contrastive_name(self) -> str:
+        """The logged name of the contrastive term: `clip_loss` or `siglip_loss`."""
+        return f"{self.loss_kind}_loss"
+
+    def contrastive(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, emb: Embeddings
+    ) -> torch.Tensor:
+        """The chosen contrastive loss of normalised features, with the model's scale (and
+        bias, for SigLIP) from `emb`."""
+        if self.loss_kind == "siglip":
+            if "logit_bias" not in emb:
+                raise ConfigError("--loss siglip needs a model with a logit bias")
+            return siglip_loss(image_features, text_features, emb["logit_scale"], emb["logit_bias"])
+        return clip_loss(image_features, text_features, emb["logit_scale"])
 
     @property
     def views(self) -> ViewSpec:
         return ViewSpec()
 
-    def forward(self, batch: dict, embed_only: bool = False) -> LossParts | Embeddings:
+    def forward(
+        self, batch: dict, embed_only: bool = False, with_teacher: bool = True
+    ) -> LossParts | Embeddings:
         """One training step's loss and its named parts (detached scalars) for logging.
 
         With `embed_only`, `embed(batch)` alone: DDP hooks `forward`, so the gradient-cached
         step reaches `embed` through this flag (a keyword, not a mode attribute, so no state can
         be left switched on). A subclass may override `forward` instead of implementing the
-        split; it then trains with `--accum-mode independent` only (see `splits_loss`)."""
+        split; it then trains with `--accum-mode independent` only (see `splits_loss`).
+        `with_teacher=False` skips the teacher (exact accumulation's pass 2 needs no targets:
+        the teacher runs once per micro-batch, in pass 1)."""
         emb = self.embed(batch)
-        return emb if embed_only else self.loss_from_embeddings(emb)
+        if self.teacher is not None and with_teacher:
+            student = self.student_preprocess
+            emb.update(self.teacher.embed(batch["image"], batch["text"], student))
+        return emb if embed_only else self.objective(emb)
+
+    def objective(self, emb: Embeddings) -> LossParts:
+        """The training loss: the method's own (`loss_from_embeddings`), plus the distillation
+        term when a teacher is set. What both accumulation modes back-propagate."""
+        loss, parts = self.loss_from_embeddings(emb)
+        if self.teacher is not None:
+            distill = distill_loss(
+                emb["image_features"],
+                emb["text_features"],
+                emb["logit_scale"],
+                emb["teacher_image"],
+                emb["teacher_text"],
+                emb["teacher_scale"],
+            )
+            loss = loss + self.distill_weight * distill
+            parts = {**parts, "distill_loss": distill.detach()}
+        return loss, {**parts, "loss": loss.detach()}
 
     def embed(self, batch: dict) -> Embeddings:
         """Everything of the step that touches parameters: per-sample tensors (batch on dim 0)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 
 from clipkit.config import MethodConfig
-from clipkit.losses import clip_loss
 from clipkit.methods import register
-from clipkit.methods.base import Embeddings, LossParts, Method
+from clipkit.methods.base import Embeddings, LossParts, Method, scale_parts
 
 
 class CLIPMethod(Method):
@@ -22,8 +21,8 @@ class CLIPMethod(Method):
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
-        loss = clip_loss(emb["image_features"], emb["text_features"], emb["logit_scale"])
-        return loss, {"clip_loss": loss.detach(), "logit_scale": emb["logit_scale"].detach()}
+        loss = self.contrastive(emb["image_features"], emb["text_features"], emb)
+        return loss, {self.contrastive_name: loss.detach(), **scale_parts(emb)}
 
 
 @register("clip", CLIPMethod)

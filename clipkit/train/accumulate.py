@@ -49,7 +49,7 @@ class MicroSteps:
     """What an accumulation step needs from the trainer."""
 
     engine: nn.Module  # the method, DDP-wrapped when distributed: both passes run through it
-    method: Method  # the bare method (its buffers, `loss_from_embeddings`)
+    method: Method  # the bare method (its buffers, `objective`)
     count: int  # K, micro-batches per optimizer step
     fetch: Callable[[int], dict]  # micro-batch index -> its batch, on the device
     sync: Callable[[bool], AbstractContextManager]  # around a forward: all-reduce if True
@@ -87,7 +87,7 @@ def exact_step(steps: MicroSteps) -> dict[str, torch.Tensor]:
     batches, rng_states, embeddings = _embed_without_graph(steps)
     after_pass_1 = rng_state(steps.device)
     leaves = _joined_leaves(embeddings)
-    loss, parts = steps.method.loss_from_embeddings(leaves)
+    loss, parts = steps.method.objective(leaves)  # the method's loss (+ distillation)
     wanted = {k: v for k, v in leaves.items() if v.requires_grad}
     grads = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
     cached = {k: g for k, g in zip(wanted, grads, strict=True) if g is not None}
@@ -95,7 +95,7 @@ def exact_step(steps: MicroSteps) -> dict[str, torch.Tensor]:
         last = micro == steps.count - 1
         set_rng_state(rng_states[micro], steps.device)
         with steps.sync(last), steps.autocast():
-            emb = steps.engine(batch, embed_only=True)
+            emb = steps.engine(batch, embed_only=True, with_teacher=False)
         steps.backward(_surrogate(emb, cached, _rows(embeddings, micro), last))
     set_rng_state(after_pass_1, steps.device)
     return {"loss": loss.detach().float(), **{k: v.float() for k, v in parts.items()}}
