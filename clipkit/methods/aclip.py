@@ -23,6 +23,7 @@ from clipkit.config import ConfigError, MethodConfig
 from clipkit.data.views import ViewSpec
 from clipkit.losses import byol_loss, clip_loss, nt_xent
 from clipkit.methods import register
+from clipkit.methods.aclip_settings import ACLIPSettings, FLIPSettings
 from clipkit.methods.base import Method
 from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
 from clipkit.models.vit import cls_attention, forward_kept, patch_grid, require_vit
@@ -119,37 +120,37 @@ class ACLIPMethod(Method):
     """A-CLIP and its ablations. The model must have an open_clip `VisionTransformer` as `.visual`.
 
     Args:
-        cfg: keep_ratio, num_views, loss weights, SimCLR temperature, EMA schedule, attentive.
+        settings: keep_ratio, num_views, loss weights, SimCLR temperature, EMA schedule,
+            attentive, SSL head sizes (spec: 4096 and 256, fixed in the paper).
         model: an open_clip CLIP-like model (`visual`, `encode_text`, `logit_scale`).
         teacher_resolution: teacher view side / online view side (0.5 for A-CLIP-eff).
         keep_highest: keep the most attended blocks (False: the least, `attmask-high`).
-        ssl_hidden_dim, ssl_embed_dim: SSL head sizes (spec: 4096 and 256, fixed in the paper).
         freeze_patch_embed: keep the patch embedding at its initial value (MoCo v3 trick, spec
             Sec. 6); the teacher copy follows it through the EMA, so it stays identical.
     """
 
     name = "aclip"
+    settings_class = ACLIPSettings
     has_ema = True  # per instance: only when a teacher is kept (attentive choice or BYOL)
     has_token_masks = True
 
     def __init__(
         self,
-        cfg: MethodConfig,
+        settings: ACLIPSettings,
         model: nn.Module,
         *,
         teacher_resolution: float = 1.0,
         keep_highest: bool = True,
-        ssl_hidden_dim: int = 4096,
-        ssl_embed_dim: int = 256,
         freeze_patch_embed: bool = True,
     ):
         super().__init__(model)
         visual = _vit_tower(model)
+        cfg = self.settings = settings
+        ssl_hidden_dim, ssl_embed_dim = cfg.ssl_hidden_dim, cfg.ssl_embed_dim
         if cfg.num_views == 1 and cfg.simclr_weight > 0:
             raise ConfigError("SimCLR needs two views: pass --simclr-weight 0 with --num-views 1")
         if max(cfg.clip_weight, cfg.simclr_weight, cfg.byol_weight) <= 0:
             raise ConfigError("A-CLIP needs at least one loss weight > 0")
-        self.cfg = cfg
         self.keep_highest = keep_highest
         # With no CLIP loss the text tower, logit scale and image projection get no gradient; DDP
         # must then be told to look for unused parameters (the trainer reads this flag).
@@ -181,7 +182,7 @@ class ACLIPMethod(Method):
 
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec(online_views=self.cfg.num_views, teacher_size=self.teacher_size)
+        return ViewSpec(online_views=self.settings.num_views, teacher_size=self.teacher_size)
 
     @torch.no_grad()
     def select_tokens(self, batch: dict) -> dict[str, torch.Tensor | None]:
@@ -193,7 +194,7 @@ class ACLIPMethod(Method):
         out: dict[str, torch.Tensor | None] = dict(attention=None, view_scores=None)
         out["teacher_pooled"] = None
         teacher_image = batch["teacher_image"]
-        if self.cfg.attentive:
+        if self.settings.attentive:
             scores, out["teacher_pooled"] = cls_attention(
                 self.teacher_visual, teacher_image, return_pooled=True
             )
@@ -208,12 +209,12 @@ class ACLIPMethod(Method):
                 )
             shape = (num_views * batch_size, -(-self.grid[0] // BLOCK), -(-self.grid[1] // BLOCK))
             blocks = torch.rand(shape, device=views.device)  # random blocks (Table 2a)
-        keep = keep_blocks(blocks, self.grid, self.cfg.keep_ratio, self.keep_highest)
+        keep = keep_blocks(blocks, self.grid, self.settings.keep_ratio, self.keep_highest)
         out["keep_idx"] = keep.view(num_views, batch_size, -1)
         return out
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = self.cfg
+        cfg = self.settings
         views = batch["views"]  # (V, B, 3, S, S)
         num_views, batch_size = views.shape[:2]
         if num_views != cfg.num_views:
@@ -258,7 +259,9 @@ class ACLIPMethod(Method):
         m(step), the value the released code uses before the next forward (spec Sec. 4)."""
         if self.teacher_visual is None:
             return
-        m = ema_momentum(step, total_steps, self.cfg.ema_momentum, self.cfg.ema_momentum_end)
+        m = ema_momentum(
+            step, total_steps, self.settings.ema_momentum, self.settings.ema_momentum_end
+        )
         ema_update(self.teacher_visual, self.model.visual, m)
         if self.teacher_projector is not None:
             ema_update(self.teacher_projector, self.byol_projector, m)
@@ -321,11 +324,12 @@ class FLIPMethod(Method):
     At evaluation the model sees every token (the plain open_clip forward)."""
 
     name = "flip"
+    settings_class = FLIPSettings
 
-    def __init__(self, cfg: MethodConfig, model: nn.Module):
+    def __init__(self, settings: FLIPSettings, model: nn.Module):
         super().__init__(model)
         _vit_tower(model)
-        self.mask_ratio = cfg.mask_ratio
+        self.mask_ratio = settings.mask_ratio
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"]  # (B, 3, H, W)
@@ -348,25 +352,21 @@ def _named(method: Method, name: str) -> Method:
     return method
 
 
-def _heads(cfg: MethodConfig) -> dict:
-    return {"ssl_hidden_dim": cfg.ssl_hidden_dim, "ssl_embed_dim": cfg.ssl_embed_dim}
-
-
 @register("aclip", ACLIPMethod)
 def _build_aclip(cfg: MethodConfig, model) -> ACLIPMethod:
-    return ACLIPMethod(cfg, model, **_heads(cfg))
+    return ACLIPMethod(cfg.settings, model)
 
 
 @register("aclip-eff", ACLIPMethod)
 def _build_aclip_eff(cfg: MethodConfig, model) -> ACLIPMethod:
-    return _named(ACLIPMethod(cfg, model, teacher_resolution=0.5, **_heads(cfg)), "aclip-eff")
+    return _named(ACLIPMethod(cfg.settings, model, teacher_resolution=0.5), "aclip-eff")
 
 
 @register("attmask-high", ACLIPMethod)
 def _build_attmask_high(cfg: MethodConfig, model) -> ACLIPMethod:
-    return _named(ACLIPMethod(cfg, model, keep_highest=False, **_heads(cfg)), "attmask-high")
+    return _named(ACLIPMethod(cfg.settings, model, keep_highest=False), "attmask-high")
 
 
 @register("flip", FLIPMethod)
 def _build_flip(cfg: MethodConfig, model) -> FLIPMethod:
-    return FLIPMethod(cfg, model)
+    return FLIPMethod(cfg.settings, model)

@@ -25,9 +25,14 @@ class Method(nn.Module):
     - `has_token_masks`: chooses which image tokens the online views keep (teacher attention
       or random blocks), so `clipkit inspect masks` can draw the choice (the A-CLIP family).
     - `views`: the image views each sample is turned into (a `ViewSpec`).
+
+    `settings_class`: the dataclass of the method's own settings (fields made with
+    `clipkit.method_config.setting`, an optional `check()` raising ConfigError), or None. The run
+    config holds an instance (`cfg.method.settings`); `clipkit pretrain` makes a flag per field.
     """
 
     name: str = "base"
+    settings_class: type | None = None
     has_ema: bool = False
     has_unused_parameters: bool = False
     has_token_masks: bool = False
