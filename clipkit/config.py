@@ -4,21 +4,16 @@ saved as RUN_DIR/config.yaml and inside every checkpoint (no `getattr(cfg, 'X', 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from clipkit.config_types import ConfigError, converted, field_types
 from clipkit.fileio import atomic_write_bytes
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the CLI prints it on one line and exits 2."""
+from clipkit.method_config import MethodConfig
 
 
 @dataclass
@@ -53,23 +48,6 @@ class ModelConfig:
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
     arch: dict = field(default_factory=dict)  # resolved architecture; filled in by models.build
-
-
-@dataclass
-class MethodConfig:
-    name: str = "clip"  # a registered method: clipkit.methods.list_methods()
-    mask_ratio: float = 0.5  # FLIP: share of patch tokens removed at random
-    keep_ratio: float = 0.5  # A-CLIP: share of 2x2 patch blocks kept
-    num_views: int = 2  # A-CLIP: online views per sample
-    clip_weight: float = 1.0  # total weight of the per-view CLIP losses (split over views)
-    simclr_weight: float = 1.0
-    byol_weight: float = 2.0
-    simclr_temperature: float = 0.1
-    ema_momentum: float = 0.996  # start of the cosine momentum schedule (ends at ema_momentum_end)
-    ema_momentum_end: float = 1.0
-    attentive: bool = True  # A-CLIP: select by teacher attention (False: random blocks)
-    ssl_hidden_dim: int = 4096  # A-CLIP SimCLR/BYOL head widths (the paper's 4096 / 256)
-    ssl_embed_dim: int = 256
 
 
 @dataclass
@@ -114,22 +92,34 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {section: section_dict(self, section) for section in SECTIONS}
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
+        """A saved config (config.yaml, a checkpoint's): settings of other methods, which old
+        configs hold, are dropped."""
         cfg = cls()
-        merge(cfg, d)
+        merge(cfg, d, saved=True)
         return cfg
 
 
 SECTIONS = tuple(f.name for f in fields(Config))  # in declaration order, for stable messages
 
 
-def merge(cfg: Config, updates: dict[str, Any], source: str | None = None) -> Config:
+def section_dict(cfg: Config, section: str) -> dict:
+    """One section as a flat mapping (the method section: common fields + the method's own)."""
+    if section == "method":
+        return cfg.method.to_dict()
+    return dataclasses.asdict(getattr(cfg, section))
+
+
+def merge(
+    cfg: Config, updates: dict[str, Any], source: str | None = None, saved: bool = False
+) -> Config:
     """Apply nested `{section: {key: value}}` updates, each converted to its field's type;
     unknown keys and values that do not convert are user errors. `source` (e.g. "config file
-    run.yaml") is named in the error."""
+    run.yaml", or FLAGS_SOURCE) is named in the error. A method setting that does not apply to
+    the chosen method is refused by `validate`, or dropped from a `saved` config."""
     origin = f" (in {source})" if source else ""
     for section, values in updates.items():
         if section not in SECTIONS:
@@ -140,6 +130,9 @@ def merge(cfg: Config, updates: dict[str, Any], source: str | None = None) -> Co
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}'{origin} must be a mapping")
+        if section == "method":
+            cfg.method.update(values, source, saved)
+            continue
         target = getattr(cfg, section)
         known = {f.name for f in fields(target)}
         for key, value in values.items():
@@ -152,101 +145,17 @@ def merge(cfg: Config, updates: dict[str, Any], source: str | None = None) -> Co
     return cfg
 
 
-# -- types: every value (YAML, flags, saved configs) is converted to its dataclass field's type --
-
-
-class _NotConvertible(ValueError):
-    """`value` cannot be read as the field's type; carries the wording of the expected type."""
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _coerced(section: str, key: str, value: Any, origin: str = "") -> Any:
-    hint = _field_types(_field_types(Config)[section])[key]
-    try:
-        return _convert(value, hint)
-    except _NotConvertible as e:
-        shown = "null" if value is None else repr(value)
-        raise ConfigError(f"{section}.{key} = {shown}{origin} is not {e}") from None
-
-
-def _convert(value: Any, hint: Any) -> Any:
-    """`value` as type `hint` (int, float, bool, str, dict, or X | None)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        try:
-            return _convert(value, inner)
-        except _NotConvertible as e:
-            raise _NotConvertible(f"{e} or null") from None
-    return _CONVERTERS[hint](value)
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass  # maybe `1e4` or `6.0`, which YAML leaves as strings
-    # bool is an int subclass in Python, but `batch_size: true` is a mistake, not 1.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    try:
-        number = _to_float(value)
-    except _NotConvertible:
-        number = math.nan
-    # 6.0 means 6; 5.5 is refused rather than silently rounded.
-    if math.isfinite(number) and number.is_integer():
-        return int(number)
-    raise _NotConvertible("an integer")
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise _NotConvertible("a number")
-
-
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True}
-_BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, str)) and str(value).strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[str(value).strip().lower()]
-    raise _NotConvertible("true or false")
-
-
-def _to_str(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    # A number where a name is expected (`name: 1e3`, `text_key: 0`) would lose its spelling.
-    raise _NotConvertible("a string (quote it in YAML)")
-
-
-def _to_dict(value: Any) -> dict:
-    if isinstance(value, dict):
-        return value
-    raise _NotConvertible("a mapping")
-
-
-_CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, dict: _to_dict}
+    hint = field_types(field_types(Config)[section])[key]
+    return converted(f"{section}.{key}", value, hint, origin)
 
 
 def coerce_types(cfg: Config) -> Config:
     """Convert every field in place (for configs built directly, not through `merge`)."""
+    cfg.method.coerce()
     for section in SECTIONS:
+        if section == "method":
+            continue
         target = getattr(cfg, section)
         for f in fields(target):
             setattr(target, f.name, _coerced(section, f.name, getattr(target, f.name)))
@@ -257,7 +166,7 @@ def _non_finite(cfg: Config) -> list[str]:
     """`section.key = value` for every inf / nan number (a float field or not)."""
     bad = []
     for section in SECTIONS:
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+        for key, value in section_dict(cfg, section).items():
             if isinstance(value, float) and not math.isfinite(value):
                 bad.append(f"{section}.{key} = {value}")
     return bad
@@ -295,7 +204,7 @@ def validate(cfg: Config) -> Config:
     coerce_types(cfg)
     bad = _non_finite(cfg)
     _check(not bad, f"{', '.join(bad)}: numbers must be finite (not inf or nan)")
-    d, r, o, m = cfg.data, cfg.run, cfg.optim, cfg.method
+    d, r, o = cfg.data, cfg.run, cfg.optim
     _check(bool(d.data), "no training data: pass --data DIR_OR_PATTERN")
     _check(bool(r.out), "no run directory: pass --out RUN_DIR")
     _check(d.batch_size >= 1, "--batch-size must be >= 1")
@@ -336,16 +245,12 @@ def validate(cfg: Config) -> Config:
     _check(o.accum_steps >= 1, "--accum-steps must be >= 1")
     _check(o.accum_mode in ("exact", "independent"), "--accum-mode must be exact or independent")
     _check(o.grad_clip is None or o.grad_clip > 0, "--grad-clip must be > 0")
-    _check(0 <= m.mask_ratio < 1, "--mask-ratio must be within [0, 1)")
-    _check(0 < m.keep_ratio <= 1, "--keep-ratio must be within (0, 1]")
-    _check(m.num_views in (1, 2), "--num-views must be 1 or 2")
-    _check(m.ssl_hidden_dim >= 1 and m.ssl_embed_dim >= 1, "SSL head sizes must be >= 1")
     _check(o.shared_lr is None or o.shared_lr > 0, "--shared-lr must be > 0")
     _check(
         o.shared_weight_decay is None or o.shared_weight_decay >= 0,
         "--shared-weight-decay must be >= 0",
     )
-    _check(0 <= m.ema_momentum <= m.ema_momentum_end <= 1, "EMA momentum: 0 <= start <= end <= 1")
+    cfg.method.check()  # the method's own settings: those given apply, and its range checks
     return cfg
 
 
@@ -387,15 +292,16 @@ def check_resume(cfg: Config, saved: dict) -> None:
     before = Config.from_dict(with_legacy_defaults(saved))
     changed = []
     for section in SECTIONS:
-        for f in fields(getattr(cfg, section)):
-            if f.name in CHANGEABLE_ON_RESUME[section]:
+        saved_values = section_dict(before, section)
+        for key, given in section_dict(cfg, section).items():
+            # A key only one side has belongs to another method: the name change is reported.
+            if key in CHANGEABLE_ON_RESUME[section] or key not in saved_values:
                 continue
-            given = getattr(getattr(cfg, section), f.name)
-            kept = getattr(getattr(before, section), f.name)
-            if f.name == "arch" and not given:  # derived; filled in from the checkpoint
+            kept = saved_values[key]
+            if key == "arch" and not given:  # derived; filled in from the checkpoint
                 continue
             if given != kept:
-                changed.append(f"{section}.{f.name} (saved {_brief(kept)}, given {_brief(given)})")
+                changed.append(f"{section}.{key} (saved {_brief(kept)}, given {_brief(given)})")
     if changed:
         raise ConfigError(
             f"--resume cannot change what the run trains: {'; '.join(changed)}; leave these "

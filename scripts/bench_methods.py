@@ -68,7 +68,9 @@ def build(method_name: str, args, device: torch.device):
 
     torch.manual_seed(0)
     model = factory.build(ModelConfig(name=args.model, image_size=args.image_size))
-    cfg = MethodConfig(name=method_name, ssl_hidden_dim=args.ssl_hidden_dim)
+    cfg = MethodConfig(name=method_name)
+    if hasattr(cfg.settings, "ssl_hidden_dim"):  # the A-CLIP family's SSL heads
+        cfg.settings.ssl_hidden_dim = args.ssl_hidden_dim
     method = methods.build(cfg, model).to(device).train()
     return method, build_optimizer(method, OptimConfig(), device)
 

@@ -20,6 +20,7 @@ from clipkit.methods.aclip import (
     kept_block_count,
     map_scores_to_views,
 )
+from clipkit.methods.aclip_settings import ACLIPSettings
 from clipkit.methods.aclip_viz import render_masks
 from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
 from clipkit.models.vit import forward_kept
@@ -42,7 +43,7 @@ def aclip(model=None, **cfg):
     from clipkit.methods.aclip import ACLIPMethod
 
     kwargs = {k: cfg.pop(k) for k in ("teacher_resolution", "keep_highest") if k in cfg}
-    return ACLIPMethod(MethodConfig(name="aclip", **cfg), model or tiny_clip(), **kwargs, **SSL)
+    return ACLIPMethod(ACLIPSettings(**{**SSL, **cfg}), model or tiny_clip(), **kwargs)
 
 
 def multiview_batch(teacher_size: int = 32, views: int = 2) -> dict:
@@ -290,7 +291,7 @@ def test_registry_and_flip():
         with pytest.raises(ConfigError, match="ViT"):
             build(MethodConfig(name=name), not_vit)
     model = tiny_clip()
-    flip = build(MethodConfig(name="flip", mask_ratio=0.75), model)
+    flip = build(MethodConfig.of("flip", mask_ratio=0.75), model)
     assert flip.views.online_views == 0
     batch = dict(image=torch.randn(B, 3, 32, 32), text=torch.randint(0, 49408, (B, 16)))
     torch.manual_seed(5)
@@ -300,7 +301,7 @@ def test_registry_and_flip():
     image = F.normalize(forward_kept(model.visual, batch["image"], keep), dim=-1)
     text = model.encode_text(batch["text"], normalize=True)
     torch.testing.assert_close(loss, clip_loss(image, text, model.logit_scale.exp()))
-    no_mask = build(MethodConfig(name="flip", mask_ratio=0.0), model)
+    no_mask = build(MethodConfig.of("flip", mask_ratio=0.0), model)
     clip = build(MethodConfig(name="clip"), model)
     torch.testing.assert_close(no_mask(batch)[0], clip(batch)[0])
 

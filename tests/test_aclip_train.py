@@ -21,12 +21,13 @@ ACLIP_FAMILY = ("aclip", "aclip-eff", "attmask-high")
 TINY = [
     "--model", "test", "--image-size", "64", "--batch-size", "8", "--workers", "1",
     "--threads", "1", "--warmup", "1", "--log-every", "1",
-    "--ssl-hidden-dim", "32", "--ssl-embed-dim", "16",
 ]  # fmt: skip
+SMALL_HEADS = ["--ssl-hidden-dim", "32", "--ssl-embed-dim", "16"]  # A-CLIP family settings
 
 
 def pretrain(data: Path, out: Path, method: str, *extra: str):
-    args = ["pretrain", "--data", str(data), "--out", str(out), "--method", method, *TINY]
+    heads = SMALL_HEADS if method in ACLIP_FAMILY else []
+    args = ["pretrain", "--data", str(data), "--out", str(out), "--method", method, *TINY, *heads]
     return CliRunner().invoke(cli, [*args, *extra], catch_exceptions=False)
 
 
@@ -163,7 +164,7 @@ def test_two_process_gloo_run(demo_root, tmp_path, clip_weight):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         "-m", "clipkit", "pretrain", "--data", str(demo_root / "train"), "--out", str(run),
-        "--method", "aclip", "--steps", "2", "--clip-weight", clip_weight, *TINY,
+        "--method", "aclip", "--steps", "2", "--clip-weight", clip_weight, *TINY, *SMALL_HEADS,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)

@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from clipkit.cli.main import cli
+from clipkit.method_config import MethodConfig, methods_with_setting
 
 NUMBER_TYPES = (click.INT, click.FLOAT)
 
@@ -170,6 +171,14 @@ def test_every_command_has_a_base_invocation():
         base_invocation(path, fake, lambda: Path(f"/x/{next(fresh_dirs)}"))
 
 
+def method_for_setting(param: click.Parameter) -> list:
+    """`--method M` for a method's own setting (it applies to that method only), else []."""
+    key = (param.name or "").removeprefix("method__")
+    if key == param.name or key in MethodConfig().common_fields():  # every method has these
+        return []
+    return ["--method", methods_with_setting(key)[0]]
+
+
 @pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
 def test_every_option_with_bad_values(
     path, files, tiny_checkpoint, demo_root, index_dir, aclip_checkpoint, shard_copy, tmp_path
@@ -195,6 +204,7 @@ def test_every_option_with_bad_values(
     for param in walked_params(command):
         for value in bad_values(param, files):
             base = [str(a) for a in base_invocation(path, fx, fresh)]
+            base += [str(a) for a in method_for_setting(param)]
             given = substitute(base, param, value)
             args = [*path, *(positional_value(path, fx) if a == POSITIONAL else a for a in given)]
             result = runner.invoke(cli, args)

@@ -16,6 +16,7 @@ from cli_util import invoke, user_error
 
 from clipkit import checkpoint, methods
 from clipkit.config import ConfigError, MethodConfig, ModelConfig, with_legacy_defaults
+from clipkit.losses import SIGLIP_INIT
 from clipkit.methods.base import Method
 from clipkit.train.accumulate import MicroSteps, check_accum_mode, exact_step, independent_step
 
@@ -36,13 +37,30 @@ CASES = {
 SSL = {"ssl_hidden_dim": 32, "ssl_embed_dim": 16}
 
 
+# SigLIP (arXiv 2303.15343): the pairwise sigmoid loss over the whole batch, with the model's
+# learnable logit bias; the loss is one computation over the batch like CLIP's.
+CASES.update(
+    {
+        "clip-siglip": ("clip", "test", {}, True),
+        "flip-siglip": ("flip", "test", {"mask_ratio": 0.5}, False),
+        "aclip-siglip": ("aclip", "test", {}, False),
+    }
+)
+SIGLIP_MODEL = {"init_logit_scale": SIGLIP_INIT["logit_scale"], "init_logit_bias": -10.0}
+
+
 def build(case: str) -> Method:
     from clipkit.models import factory
 
     name, preset, settings, _ = CASES[case]
+    siglip = case.endswith("-siglip")
     torch.manual_seed(0)
-    model = factory.build(ModelConfig(name=preset))
-    return methods.build(MethodConfig(name=name, **SSL, **settings), model)
+    model = factory.build(ModelConfig(name=preset, **(SIGLIP_MODEL if siglip else {})))
+    ssl = SSL if name in ("aclip", "aclip-eff", "attmask-high") else {}
+    method = methods.build(MethodConfig.of(name, **ssl, **settings), model)
+    if siglip:
+        method.set_objectives("siglip")
+    return method
 
 
 def full_batch(method: Method, n: int = MICRO * K, seed: int = 1) -> dict:
@@ -52,7 +70,7 @@ def full_batch(method: Method, n: int = MICRO * K, seed: int = 1) -> dict:
     if not method.has_token_masks:
         batch["image"] = torch.randn(n, 3, size, size, generator=g)
         return batch
-    views = method.cfg.num_views
+    views = method.settings.num_views
     teacher = method.teacher_size
     batch["views"] = torch.randn(views, n, 3, size, size, generator=g)
     batch["teacher_image"] = torch.randn(n, 3, teacher, teacher, generator=g)

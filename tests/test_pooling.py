@@ -11,7 +11,7 @@ from torch import nn
 
 from clipkit import checkpoint
 from clipkit.cli.main import cli
-from clipkit.config import Config, ConfigError, MethodConfig, ModelConfig
+from clipkit.config import Config, ConfigError, ModelConfig
 from clipkit.losses import clip_loss
 from clipkit.models import factory
 from clipkit.models.pooling import (
@@ -198,9 +198,11 @@ def test_kept_token_forward_pools_only_the_kept_tokens(name):
 
 def test_aclip_trains_with_gem_pooling_and_its_teacher_pools_too():
     from clipkit.methods.aclip import ACLIPMethod
+    from clipkit.methods.aclip_settings import ACLIPSettings
 
     model = factory.build(ModelConfig(name="test", image_pool="gem"))
-    method = ACLIPMethod(MethodConfig(name="aclip", ssl_hidden_dim=32, ssl_embed_dim=16), model)
+    settings = ACLIPSettings(ssl_hidden_dim=32, ssl_embed_dim=16)
+    method = ACLIPMethod(settings, model)
     assert isinstance(method.teacher_visual.image_pool, GeMPool)
     assert method.teacher_visual._pool.__self__ is method.teacher_visual  # rebound by deepcopy
     batch = dict(

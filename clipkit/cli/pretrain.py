@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import click
 
 from clipkit.cli.main import fail, run_guarded
 
 # (flag, "section.key", click type, help). Defaults live in clipkit.config, not here: a flag the
-# user did not give stays None so the YAML file (or a resumed run's config) can supply it.
+# user did not give stays None so the YAML file (or a resumed run's config) can supply it. The
+# methods' own settings get their flags from their settings classes (`method_flag_rows`).
 FLAGS = [
     (
         "--data",
@@ -101,6 +105,28 @@ FLAGS = [
         "contrasted within their micro-batch only: cheaper, a weaker model).",
     ),
     (
+        "--loss",
+        "method.loss",
+        click.Choice(["clip", "siglip"]),
+        "Contrastive loss of every method: clip (InfoNCE over the global batch, default) or "
+        "siglip (pairwise sigmoid, Zhai et al. 2023; the model gains a learnable logit bias, "
+        "started at b = -10 with t = 10 unless the model options set them).",
+    ),
+    (
+        "--distill-from",
+        "method.distill_from",
+        str,
+        "Distil from a frozen teacher: a clipkit checkpoint or run directory, or local-dir:DIR "
+        "(an open_clip export). Same embedding width and tokenizer as the student; it sees the "
+        "student's batch (resized and renormalised to its own preprocessing).",
+    ),
+    (
+        "--distill-weight",
+        "method.distill_weight",
+        float,
+        "Weight of the distillation loss beside the contrastive one (default 1.0).",
+    ),
+    (
         "--shared-lr",
         "optim.shared_lr",
         float,
@@ -158,20 +184,6 @@ FLAGS = [
     ("--keep-last", "run.keep_last", int, "Keep only the newest N step checkpoints."),
     ("--log-every", "run.log_every", int, "Steps between log lines / metrics.jsonl records."),
     ("--threads", "run.threads", int, "torch CPU threads per process (default: cores/ranks)."),
-    ("--mask-ratio", "method.mask_ratio", float, "flip: share of patch tokens removed (0.5)."),
-    ("--keep-ratio", "method.keep_ratio", float, "aclip: share of 2x2 patch blocks kept (0.5)."),
-    ("--num-views", "method.num_views", int, "aclip: online views per sample (1 or 2)."),
-    ("--clip-weight", "method.clip_weight", float, "aclip: total CLIP-loss weight over views."),
-    ("--simclr-weight", "method.simclr_weight", float, "aclip: SimCLR loss weight (0 = off)."),
-    ("--byol-weight", "method.byol_weight", float, "aclip: BYOL loss weight (0 = off)."),
-    ("--ema-momentum", "method.ema_momentum", float, "aclip: start of the EMA momentum schedule."),
-    (
-        "--ssl-hidden-dim",
-        "method.ssl_hidden_dim",
-        int,
-        "aclip: hidden width of the SimCLR/BYOL heads (4096).",
-    ),
-    ("--ssl-embed-dim", "method.ssl_embed_dim", int, "aclip: output width of the SSL heads (256)."),
 ]
 SWITCHES = [
     ("--resampled/--no-resampled", "data.resampled", "Draw shards with replacement."),
@@ -187,11 +199,6 @@ SWITCHES = [
         "LiT: freeze the image tower (excluded from the optimizer and weight decay).",
     ),
     ("--lock-text/--no-lock-text", "model.lock_text", "Freeze the text tower."),
-    (
-        "--attentive/--random-blocks",
-        "method.attentive",
-        "aclip: choose blocks by teacher attention (default) or at random (ablation).",
-    ),
 ]
 
 
@@ -200,8 +207,8 @@ def _dest(path: str) -> str:
 
 
 class _RegistryHelpOption(click.Option):
-    """An option whose help names the registered methods, read only when help is shown (the
-    registry imports torch, which `clipkit --help` must not wait for)."""
+    """An option whose help names the registered methods, read only when help is shown (so a
+    method registered after the CLI was built is listed too)."""
 
     def get_help_record(self, ctx):
         if self.help and "{methods}" in self.help:
@@ -212,12 +219,45 @@ class _RegistryHelpOption(click.Option):
         return super().get_help_record(ctx)
 
 
+def method_flag_rows() -> tuple[list, list]:
+    """(FLAGS rows, SWITCHES rows) for the settings of the methods registered now: one flag per
+    setting name, its help after the names of the methods it applies to. Torch-free: clipkit's own
+    settings classes live in torch-free modules."""
+    from clipkit import methods
+    from clipkit.config_types import field_types
+    from clipkit.method_config import flag_of
+
+    owners: dict[str, list[str]] = {}
+    first: dict[str, tuple[type, dataclasses.Field]] = {}
+    for name, cls in methods.settings_classes().items():
+        for f in dataclasses.fields(cls) if cls is not None else ():
+            if f.metadata.get("cli", True):
+                owners.setdefault(f.name, []).append(name)
+                first.setdefault(f.name, (cls, f))
+    flags, switches = [], []
+    for key, (cls, f) in first.items():
+        help_ = f"{', '.join(owners[key])}: {f.metadata.get('help', '')}"
+        hint = field_types(cls)[key]
+        if hint is bool:
+            switches.append((flag_of(f), f"method.{key}", help_))
+        else:
+            flags.append((flag_of(f), f"method.{key}", _click_type(hint), help_))
+    return flags, switches
+
+
+def _click_type(hint) -> type:
+    """int / float / str for a field typed so, or `X | None`."""
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    return inner[0] if inner else hint
+
+
 def _options(fn):
-    for flag, path, type_, help_ in reversed(FLAGS):
+    method_flags, method_switches = method_flag_rows()
+    for flag, path, type_, help_ in reversed(FLAGS + method_flags):
         fn = click.option(
             flag, _dest(path), type=type_, default=None, help=help_, cls=_RegistryHelpOption
         )(fn)
-    for flag, path, help_ in reversed(SWITCHES):
+    for flag, path, help_ in reversed(SWITCHES + method_switches):
         fn = click.option(flag, _dest(path), default=None, help=help_)(fn)
     return fn
 
@@ -237,7 +277,9 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
     """defaults <- saved run config (with --resume) <- YAML file <- flags, each value converted to
     its option's type. On resume, options that define what the run trains must keep their saved
     values (`clipkit.config.check_resume`, applied against the checkpoint when training starts)."""
+    from clipkit import methods  # noqa: F401  (tells the config which settings each method has)
     from clipkit.config import Config, ConfigError, load_yaml, merge, with_legacy_defaults
+    from clipkit.method_config import FLAGS_SOURCE
     from clipkit.run_dir import RunDir
 
     cfg = Config()
@@ -247,10 +289,10 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = RunDir(out).config
         if saved.is_file():
-            merge(cfg, with_legacy_defaults(load_yaml(saved)), source=str(saved))
+            merge(cfg, with_legacy_defaults(load_yaml(saved)), source=str(saved), saved=True)
     if config_file:
         merge(cfg, load_yaml(config_file), source=f"config file {config_file}")
-    merge(cfg, flags, source="the command-line flags")
+    merge(cfg, flags, source=FLAGS_SOURCE)
     return cfg
 
 

@@ -6,16 +6,23 @@ A method registers itself with `@register(name)` on its `Method` subclass (built
 it builds (`method_class=`) so its capabilities can be read without building it. Any module may
 register one (see docs/extending.md).
 
+A method's own settings are a dataclass named by its class (`Method.settings_class`); the
+registry tells the config layer which class each name has (`clipkit.method_config`), so YAML,
+flags and saved configs are read with it.
+
 This module imports no torch: clipkit's own methods are named in `_BUILTIN` with the module that
-registers each, imported on first use, so `clipkit pretrain --help` can list the names at once.
+registers each, imported on first use, and their settings classes in `_BUILTIN_SETTINGS` (torch-
+free modules), so `clipkit pretrain --help` lists the names and builds the flags at once.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from clipkit import method_config
 from clipkit.config import ConfigError, MethodConfig
 
 if TYPE_CHECKING:
@@ -26,10 +33,19 @@ _CLASSES: dict[str, type[Method]] = {}
 # clipkit's own methods: name -> the module whose import registers it (tests check they agree).
 _BUILTIN = {
     "clip": "clipkit.methods.clip",
-    "flip": "clipkit.methods.aclip",
+    "flip": "clipkit.methods.flip",
     "aclip": "clipkit.methods.aclip",
     "aclip-eff": "clipkit.methods.aclip",
     "attmask-high": "clipkit.methods.aclip",
+}
+# Their settings classes ("module:class", None: no settings); the classes' `settings_class` agree.
+_ACLIP_SETTINGS = "clipkit.methods.aclip_settings:ACLIPSettings"
+_BUILTIN_SETTINGS = {
+    "clip": None,
+    "flip": "clipkit.methods.aclip_settings:FLIPSettings",
+    "aclip": _ACLIP_SETTINGS,
+    "aclip-eff": _ACLIP_SETTINGS,
+    "attmask-high": _ACLIP_SETTINGS,
 }
 
 
@@ -76,8 +92,27 @@ def method_class(name: str) -> type[Method]:
     return _CLASSES[name]
 
 
+def settings_class(name: str) -> type | None:
+    """The settings dataclass of method `name` (None: it has none), without importing torch for
+    clipkit's own methods."""
+    check_name(name)
+    if name in _CLASSES:
+        return _CLASSES[name].settings_class
+    spec = _BUILTIN_SETTINGS[name]
+    if spec is None:
+        return None
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def settings_classes() -> dict[str, type | None]:
+    """Every registered method name -> its settings class."""
+    return {name: settings_class(name) for name in list_methods()}
+
+
 def build(cfg: MethodConfig, model) -> Method:
-    check_name(cfg.name)
+    """The method `cfg.name`; its factory reads `cfg.settings` (the method's settings object)."""
+    cfg.coerce()  # the name is known and the settings are the method's own class (or defaults)
     _load([cfg.name])
     return _METHODS[cfg.name](cfg, model)
 
@@ -94,4 +129,16 @@ def __getattr__(attr: str):  # `Method` / `ViewSpec` from here without importing
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["Method", "ViewSpec", "build", "check_name", "list_methods", "method_class", "register"]
+method_config.install_registry(sys.modules[__name__])
+
+__all__ = [
+    "Method",
+    "ViewSpec",
+    "build",
+    "check_name",
+    "list_methods",
+    "method_class",
+    "register",
+    "settings_class",
+    "settings_classes",
+]

@@ -9,8 +9,7 @@
   itself; the teacher crop could miss parts of the views).
 - `aclip-eff` (Sec. 4.2): the teacher sees a half-resolution view (its position table resampled).
 - `attmask-high` (Table 2b): keep the least attended blocks instead (AttMask-style masking).
-- `flip` (Li et al. 2023, arXiv 2212.00794): remove a random `mask_ratio` of the patch tokens of a
-  single view; plain CLIP loss; no teacher.
+FLIP, their random-removal baseline, is clipkit.methods.flip.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from clipkit.config import ConfigError, MethodConfig
 from clipkit.data.views import ViewSpec
 from clipkit.losses import byol_loss, nt_xent
 from clipkit.methods import register
+from clipkit.methods.aclip_settings import ACLIPSettings
 from clipkit.methods.base import Embeddings, LossParts, Method, scale_parts
 from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
 from clipkit.models.vit import cls_attention, forward_kept, patch_grid, require_vit
@@ -103,7 +103,7 @@ def _sample_major(x: torch.Tensor, num_views: int) -> torch.Tensor:
     return x.view(num_views, -1, x.shape[-1]).transpose(0, 1)
 
 
-def _vit_tower(model: nn.Module):
+def vit_tower(model: nn.Module):
     """The model's open_clip ViT image tower; any other tower is a user error (exit 2)."""
     try:
         return require_vit(model.visual)
@@ -125,37 +125,37 @@ class ACLIPMethod(Method):
     """A-CLIP and its ablations. The model must have an open_clip `VisionTransformer` as `.visual`.
 
     Args:
-        cfg: keep_ratio, num_views, loss weights, SimCLR temperature, EMA schedule, attentive.
+        settings: keep_ratio, num_views, loss weights, SimCLR temperature, EMA schedule,
+            attentive, SSL head sizes (spec: 4096 and 256, fixed in the paper).
         model: an open_clip CLIP-like model (`visual`, `encode_text`, `logit_scale`).
         teacher_resolution: teacher view side / online view side (0.5 for A-CLIP-eff).
         keep_highest: keep the most attended blocks (False: the least, `attmask-high`).
-        ssl_hidden_dim, ssl_embed_dim: SSL head sizes (spec: 4096 and 256, fixed in the paper).
         freeze_patch_embed: keep the patch embedding at its initial value (MoCo v3 trick, spec
             Sec. 6); the teacher copy follows it through the EMA, so it stays identical.
     """
 
     name = "aclip"
+    settings_class = ACLIPSettings
     has_ema = True  # per instance: only when a teacher is kept (attentive choice or BYOL)
     has_token_masks = True
 
     def __init__(
         self,
-        cfg: MethodConfig,
+        settings: ACLIPSettings,
         model: nn.Module,
         *,
         teacher_resolution: float = 1.0,
         keep_highest: bool = True,
-        ssl_hidden_dim: int = 4096,
-        ssl_embed_dim: int = 256,
         freeze_patch_embed: bool = True,
     ):
         super().__init__(model)
-        visual = _vit_tower(model)
+        visual = vit_tower(model)
+        cfg = self.settings = settings
+        ssl_hidden_dim, ssl_embed_dim = cfg.ssl_hidden_dim, cfg.ssl_embed_dim
         if cfg.num_views == 1 and cfg.simclr_weight > 0:
             raise ConfigError("SimCLR needs two views: pass --simclr-weight 0 with --num-views 1")
         if max(cfg.clip_weight, cfg.simclr_weight, cfg.byol_weight) <= 0:
             raise ConfigError("A-CLIP needs at least one loss weight > 0")
-        self.cfg = cfg
         self.keep_highest = keep_highest
         # With no CLIP loss the text tower, logit scale and image projection get no gradient; DDP
         # must then be told to look for unused parameters (the trainer reads this flag).
@@ -187,7 +187,7 @@ class ACLIPMethod(Method):
 
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec(online_views=self.cfg.num_views, teacher_size=self.teacher_size)
+        return ViewSpec(online_views=self.settings.num_views, teacher_size=self.teacher_size)
 
     @torch.no_grad()
     def select_tokens(self, batch: dict) -> dict[str, torch.Tensor | None]:
@@ -199,7 +199,7 @@ class ACLIPMethod(Method):
         out: dict[str, torch.Tensor | None] = dict(attention=None, view_scores=None)
         out["teacher_pooled"] = None
         teacher_image = batch["teacher_image"]
-        if self.cfg.attentive:
+        if self.settings.attentive:
             scores, out["teacher_pooled"] = cls_attention(
                 self.teacher_visual, teacher_image, return_pooled=True
             )
@@ -214,7 +214,7 @@ class ACLIPMethod(Method):
                 )
             shape = (num_views * batch_size, -(-self.grid[0] // BLOCK), -(-self.grid[1] // BLOCK))
             blocks = torch.rand(shape, device=views.device)  # random blocks (Table 2a)
-        keep = keep_blocks(blocks, self.grid, self.cfg.keep_ratio, self.keep_highest)
+        keep = keep_blocks(blocks, self.grid, self.settings.keep_ratio, self.keep_highest)
         out["keep_idx"] = keep.view(num_views, batch_size, -1)
         return out
 
@@ -223,7 +223,7 @@ class ACLIPMethod(Method):
         `byol_prediction`, (B, E) `text_features`, `byol_target` (the EMA teacher's, no grad),
         `logit_scale`. The heads' BatchNorm sees both views of this batch: one micro-batch
         under accumulation, as DDP keeps it per rank."""
-        cfg = self.cfg
+        cfg = self.settings
         views = batch["views"]  # (V, B, 3, S, S)
         num_views = views.shape[0]
         if num_views != cfg.num_views:
@@ -249,7 +249,7 @@ class ACLIPMethod(Method):
 
     def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
         """CLIP per view, SimCLR between views over all of `emb` (gathered); BYOL's mean."""
-        cfg, num_views = self.cfg, self.cfg.num_views
+        cfg, num_views = self.settings, self.settings.num_views
         loss = next(v for v in emb.values() if v.ndim).new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
         if cfg.clip_weight > 0:
@@ -282,7 +282,9 @@ class ACLIPMethod(Method):
         m(step), the value the released code uses before the next forward (spec Sec. 4)."""
         if self.teacher_visual is None:
             return
-        m = ema_momentum(step, total_steps, self.cfg.ema_momentum, self.cfg.ema_momentum_end)
+        m = ema_momentum(
+            step, total_steps, self.settings.ema_momentum, self.settings.ema_momentum_end
+        )
         ema_update(self.teacher_visual, self.model.visual, m)
         if self.teacher_projector is not None:
             ema_update(self.teacher_projector, self.byol_projector, m)
@@ -340,62 +342,21 @@ class EMAImageCLIP(nn.Module):
         return image_features, text_features, scale
 
 
-class FLIPMethod(Method):
-    """FLIP: CLIP on a random `mask_ratio` share of patch tokens removed (arXiv 2212.00794 Sec. 3).
-    At evaluation the model sees every token (the plain open_clip forward)."""
-
-    name = "flip"
-
-    def __init__(self, cfg: MethodConfig, model: nn.Module):
-        super().__init__(model)
-        _vit_tower(model)
-        self.mask_ratio = cfg.mask_ratio
-
-    def embed(self, batch: dict) -> Embeddings:
-        """`image_features` of the kept tokens and `text_features` (B, E), `logit_scale`."""
-        images = batch["image"]  # (B, 3, H, W)
-        rows, cols = patch_grid(self.model.visual, images)
-        n_patches = rows * cols
-        n_keep = n_patches - int(n_patches * self.mask_ratio)
-        keep_idx = None
-        if n_keep < n_patches:
-            noise = torch.rand(images.shape[0], n_patches, device=images.device)
-            keep_idx = noise.topk(n_keep, dim=1).indices  # (B, K) a uniform random subset
-        image_features = F.normalize(forward_kept(self.model.visual, images, keep_idx), dim=-1)
-        text_features = self.model.encode_text(batch["text"], normalize=True)
-        return dict(
-            image_features=image_features, text_features=text_features, **self.model_scales()
-        )
-
-    def loss_from_embeddings(self, emb: Embeddings) -> LossParts:
-        loss = self.contrastive(emb["image_features"], emb["text_features"], emb)
-        return loss, {self.contrastive_name: loss.detach(), **scale_parts(emb)}
-
-
 def _named(method: Method, name: str) -> Method:
     method.name = name
     return method
 
 
-def _heads(cfg: MethodConfig) -> dict:
-    return {"ssl_hidden_dim": cfg.ssl_hidden_dim, "ssl_embed_dim": cfg.ssl_embed_dim}
-
-
 @register("aclip", ACLIPMethod)
 def _build_aclip(cfg: MethodConfig, model) -> ACLIPMethod:
-    return ACLIPMethod(cfg, model, **_heads(cfg))
+    return ACLIPMethod(cfg.settings, model)
 
 
 @register("aclip-eff", ACLIPMethod)
 def _build_aclip_eff(cfg: MethodConfig, model) -> ACLIPMethod:
-    return _named(ACLIPMethod(cfg, model, teacher_resolution=0.5, **_heads(cfg)), "aclip-eff")
+    return _named(ACLIPMethod(cfg.settings, model, teacher_resolution=0.5), "aclip-eff")
 
 
 @register("attmask-high", ACLIPMethod)
 def _build_attmask_high(cfg: MethodConfig, model) -> ACLIPMethod:
-    return _named(ACLIPMethod(cfg, model, keep_highest=False, **_heads(cfg)), "attmask-high")
-
-
-@register("flip", FLIPMethod)
-def _build_flip(cfg: MethodConfig, model) -> FLIPMethod:
-    return FLIPMethod(cfg, model)
+    return _named(ACLIPMethod(cfg.settings, model, keep_highest=False), "attmask-high")

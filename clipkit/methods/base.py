@@ -26,10 +26,10 @@ from clipkit.config import ConfigError
 from clipkit.data.preprocess import Preprocess
 from clipkit.data.views import ViewSpec
 from clipkit.losses import clip_loss, distill_loss, siglip_loss
+from clipkit.method_config import CONTRASTIVE_LOSSES
 
 Embeddings = dict[str, torch.Tensor]  # `embed`'s output: per-sample (batch on dim 0) and 0-dim
 LossParts = tuple[torch.Tensor, dict[str, torch.Tensor]]  # the loss, its parts for the log
-CONTRASTIVE_LOSSES = ("clip", "siglip")
 
 
 def scale_parts(emb: Embeddings) -> dict[str, torch.Tensor]:
@@ -51,9 +51,14 @@ class Method(nn.Module):
     - `has_token_masks`: chooses which image tokens the online views keep (teacher attention
       or random blocks), so `clipkit inspect masks` can draw the choice (the A-CLIP family).
     - `views`: the image views each sample is turned into (a `ViewSpec`).
+
+    `settings_class`: the dataclass of the method's own settings (fields made with
+    `clipkit.method_config.setting`, an optional `check()` raising ConfigError), or None. The run
+    config holds an instance (`cfg.method.settings`); `clipkit pretrain` makes a flag per field.
     """
 
     name: str = "base"
+    settings_class: type | None = None
     has_ema: bool = False
     has_unused_parameters: bool = False
     has_token_masks: bool = False

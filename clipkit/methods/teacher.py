@@ -133,3 +133,13 @@ def check_compatible(teacher: Teacher, student: Preprocess, student_embed_dim: i
             f"{teacher.preprocess.hf_tokenizer_name or 'CLIP BPE'}, the student with "
             f"{student.hf_tokenizer_name or 'CLIP BPE'}; both must use the same tokenizer"
         )
+
+
+def teacher_for(spec: str | None, student_arch: dict, device: torch.device) -> Teacher | None:
+    """The teacher `--distill-from` names, checked against the student's architecture (None
+    without one). Called before the run directory is touched: a bad teacher writes nothing."""
+    if not spec:
+        return None
+    teacher = load_teacher(spec, device)
+    check_compatible(teacher, factory.preprocess(student_arch), factory.embed_dim(student_arch))
+    return teacher

@@ -197,6 +197,15 @@ def preprocess(arch: dict) -> Preprocess:
     )
 
 
+def embed_dim(arch: dict) -> int:
+    """The width of the model's joint embedding, read from a text forward on the meta device
+    (no memory for weights, no compute)."""
+    with torch.device("meta"):
+        model = build_from_arch(arch)
+        tokens = torch.zeros(1, context_length(arch), dtype=torch.long)
+        return int(model.encode_text(tokens).shape[-1])
+
+
 def export_config(arch: dict) -> dict:
     """open_clip's `open_clip_config.json` for this model (ConfigError: not exportable)."""
     return family_of(arch).export_config(arch, preprocess_cfg(arch))

@@ -18,6 +18,7 @@ from clipkit.data.pipeline import DataPosition, build_loader
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.devices import pick_device
 from clipkit.distributed import DistInfo
+from clipkit.losses import SIGLIP_INIT
 from clipkit.methods import check_name, method_class
 from clipkit.methods.base import Method
 from clipkit.methods.restore import (
@@ -26,6 +27,7 @@ from clipkit.methods.restore import (
     restore_grad_scaler,
     restore_optimizer,
 )
+from clipkit.methods.teacher import Teacher, teacher_for
 from clipkit.models import factory
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import check_accum_mode
@@ -138,20 +140,37 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     validate(cfg)
     check_name(cfg.method.name)  # the config layer cannot see the registry; before any write
     check_accum_mode(method_class(cfg.method.name), cfg.optim.accum_steps, cfg.optim.accum_mode)
+    fit_model_to_loss(cfg)
     dist = distributed.env_info()
+    student_arch = cfg.model.arch or factory.resolve_arch(cfg.model)
+    teacher = teacher_for(cfg.method.distill_from, student_arch, pick_device(cfg.run.device, dist))
     # Only the main rank writes into the run directory, so only it takes the lock; it does so
     # before anything is written, which also proves the directory writable before any work.
     with RunLock(cfg.run.out) if dist.is_main else nullcontext():
         run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.run.out)
-        return _train(cfg, resume, run_dir, dist)
+        return _train(cfg, resume, run_dir, dist, teacher)
 
 
-def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
+def fit_model_to_loss(cfg: Config) -> None:
+    """SigLIP trains a learnable logit bias: the model gets one, with the paper's start values
+    (t' = log 10, b = -10) unless the model options set them."""
+    if cfg.method.loss != "siglip":
+        return
+    if cfg.model.init_logit_scale is None:
+        cfg.model.init_logit_scale = SIGLIP_INIT["logit_scale"]
+    if cfg.model.init_logit_bias is None:
+        cfg.model.init_logit_bias = SIGLIP_INIT["logit_bias"]
+
+
+def _train(
+    cfg: Config, resume: bool, run_dir: Path, dist: DistInfo, teacher: Teacher | None
+) -> dict:
     layout = RunDir(run_dir)
     device = pick_device(cfg.run.device, dist)
     set_threads(cfg, dist)
     saved, method = _build_method(cfg, run_dir if resume else None, device)
     preprocess = factory.preprocess(cfg.model.arch)
+    method.set_objectives(cfg.method.loss, teacher, cfg.method.distill_weight, preprocess)
     tokenizer = build_tokenizer(preprocess)
     dist = distributed.init(device)
     try:
@@ -159,6 +178,7 @@ def _train(cfg: Config, resume: bool, run_dir: Path, dist: DistInfo) -> dict:
         shared = factory.shared_parameters(method.model, cfg.model.arch)
         optimizer = build_optimizer(method, cfg.optim, device, shared)
         if saved is not None:
+            check_same_teacher(saved, teacher)
             state = _restore(saved, optimizer, dist, cfg.data.workers, device)
         loader, info = build_loader(
             cfg.data,
@@ -213,6 +233,17 @@ def _build_method(
         return None, methods.build(cfg.method, factory.build(cfg.model)).to(device)
     saved = load_method(resume_from, run_config=cfg)
     return saved, saved.method.to(device)
+
+
+def check_same_teacher(saved: LoadedMethod, teacher: Teacher | None) -> None:
+    """A resumed run distils from the teacher it started with (the same bytes)."""
+    recorded = saved.checkpoint.state.get("teacher")
+    if teacher is not None and recorded and recorded["sha256"] != teacher.sha256:
+        raise ConfigError(
+            f"--distill-from {teacher.source}: the teacher's weights changed since the run "
+            f"started (sha256 {recorded['sha256'][:12]}..., now {teacher.sha256[:12]}...); "
+            "resume with the teacher the run was trained with"
+        )
 
 
 def _restore(

@@ -360,6 +360,8 @@ class Trainer:
             "workers": self.cfg.data.workers,
             "rng": rng_state(self.device),
         }
+        if self.method.teacher is not None:  # its path and hash, never its weights
+            state["teacher"] = self.method.teacher.record()
         if self.scaler.is_enabled():  # fp16: loss scale and growth tracker, for exact resume
             state["grad_scaler"] = self.scaler.state_dict()
         step_path = self.layout.step_checkpoint(self.state.step)
