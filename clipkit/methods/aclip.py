@@ -138,6 +138,7 @@ class ACLIPMethod(Method):
     settings_class = ACLIPSettings
     has_ema = True  # per instance: only when a teacher is kept (attentive choice or BYOL)
     has_token_masks = True
+    multi_view = True
 
     def __init__(
         self,

@@ -50,7 +50,8 @@ class Method(nn.Module):
       must look for unused parameters (slower; off unless a method needs it).
     - `has_token_masks`: chooses which image tokens the online views keep (teacher attention
       or random blocks), so `clipkit inspect masks` can draw the choice (the A-CLIP family).
-    - `views`: the image views each sample is turned into (a `ViewSpec`).
+    - `views`: the image views each sample is turned into (a `ViewSpec`); `multi_view`: the
+      class's views are several online views (the A-CLIP family), not one `image`.
 
     `settings_class`: the dataclass of the method's own settings (fields made with
     `clipkit.method_config.setting`, an optional `check()` raising ConfigError), or None. The run
@@ -62,6 +63,7 @@ class Method(nn.Module):
     has_ema: bool = False
     has_unused_parameters: bool = False
     has_token_masks: bool = False
+    multi_view: bool = False  # its batches hold several views (`views`), not one `image`
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -82,13 +84,7 @@ class Method(nn.Module):
     ) -> None:
         """The contrastive loss, and an optional teacher to distil from (with the student's
         preprocessing, which the teacher's inputs are adapted from)."""
-        if loss not in CONTRASTIVE_LOSSES:
-            raise ConfigError(f"unknown --loss '{loss}' (known: {', '.join(CONTRASTIVE_LOSSES)})")
-        if teacher is not None and self.views != ViewSpec():
-            raise ConfigError(
-                f"--distill-from: method '{self.name}' trains on several image views; "
-                "distillation works with single-view methods (clip, flip, MS-CLIP's clip)"
-            )
+        self.check_objectives(loss, distilled=teacher is not None)
         self.loss_kind, self.teacher, self.distill_weight = loss, teacher, distill_weight
         self.student_preprocess = preprocess
 
@@ -100,6 +96,18 @@ class Method(nn.Module):
         if bias is not None:
             scales["logit_bias"] = bias
         return scales
+
+    @classmethod
+    def check_objectives(cls, loss: str, distilled: bool) -> None:
+        """ConfigError for a loss / distillation this method cannot train with (checked before
+        the run writes anything, from the class alone)."""
+        if loss not in CONTRASTIVE_LOSSES:
+            raise ConfigError(f"unknown --loss '{loss}' (known: {', '.join(CONTRASTIVE_LOSSES)})")
+        if distilled and cls.multi_view:
+            raise ConfigError(
+                f"--distill-from: method '{cls.name}' trains on several image views; "
+                "distillation works with single-view methods (clip, flip, MS-CLIP's clip)"
+            )
 
     @property
     def contrastive_name(self) -> str:

@@ -140,6 +140,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     validate(cfg)
     check_name(cfg.method.name)  # the config layer cannot see the registry; before any write
     check_accum_mode(method_class(cfg.method.name), cfg.optim.accum_steps, cfg.optim.accum_mode)
+    method_class(cfg.method.name).check_objectives(cfg.method.loss, bool(cfg.method.distill_from))
     fit_model_to_loss(cfg)
     dist = distributed.env_info()
     student_arch = cfg.model.arch or factory.resolve_arch(cfg.model)
