@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import DistillClipLoss
+from rank_checks import assert_ranks_equal_whole
 
 from clipkit.losses import distill_loss
 
@@ -145,13 +146,8 @@ def test_distill_on_each_rank_equals_open_clip_local_loss(ranks):
 def test_distill_over_ranks_is_one_process_over_the_whole_batch(ranks):
     """Mean of the ranks' losses = one process's over the 2B samples; a rank's feature gradients
     are world x the whole-batch ones (every rank's loss reaches them through the gather)."""
-    whole, (g_img, g_txt, g_scale) = _student_loss_and_grads(
+    whole, whole_grads = _student_loss_and_grads(
         distill_loss, *_pairs(PER_RANK * WORLD, S_DIM, T_DIM, seed=11)
     )
     per_rank = [results["ours"] for results in ranks]
-    torch.testing.assert_close(torch.stack([loss for loss, _ in per_rank]).mean(), whole, **TOL)
-    for rank, (_, grads) in enumerate(per_rank):
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        torch.testing.assert_close(grads[0], WORLD * g_img[mine], **TOL)
-        torch.testing.assert_close(grads[1], WORLD * g_txt[mine], **TOL)
-    torch.testing.assert_close(torch.stack([g[2] for _, g in per_rank]).mean(), g_scale, **TOL)
+    assert_ranks_equal_whole(per_rank, whole, whole_grads, WORLD, PER_RANK, TOL)

@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
+from rank_checks import assert_ranks_equal_whole
 
 from clipkit.losses import SIGLIP_INIT, siglip_loss
 
@@ -132,14 +133,6 @@ def test_siglip_over_ranks_is_one_process_over_the_whole_batch(ranks, impl):
     whole-batch ones (every rank's loss reaches them); DDP's mean of scale/bias gradients."""
     world, results = ranks
     image, text = _features(PER_RANK * world, DIM, seed=world)
-    whole, (g_image, g_text, g_scale, g_bias) = _loss_and_grads(
-        siglip_loss, image, text, LOG_SCALE, BIAS
-    )
+    whole, whole_grads = _loss_and_grads(siglip_loss, image, text, LOG_SCALE, BIAS)
     per_rank = [results[r][impl]["ours"] for r in range(world)]
-    torch.testing.assert_close(torch.stack([loss for loss, _ in per_rank]).mean(), whole, **TOL)
-    for rank, (_, grads) in enumerate(per_rank):
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        torch.testing.assert_close(grads[0], world * g_image[mine], **TOL)
-        torch.testing.assert_close(grads[1], world * g_text[mine], **TOL)
-    torch.testing.assert_close(torch.stack([g[2] for _, g in per_rank]).mean(), g_scale, **TOL)
-    torch.testing.assert_close(torch.stack([g[3] for _, g in per_rank]).mean(), g_bias, **TOL)
+    assert_ranks_equal_whole(per_rank, whole, whole_grads, world, PER_RANK, TOL)
