@@ -263,7 +263,7 @@ def pretrain_argv(spec: MethodSpec, setup: Setup, data: Path, model: Path, run: 
         "--warmup", max(1, round(setup.warmup_share * steps)), "--seed", seed,
         "--workers", 2, "--log-every", 1, "--save-every", save_every, *spec.flags,
     ]  # fmt: skip
-    if spec.name not in ("clip", "flip", "msclip"):
+    if spec.flags[spec.flags.index("--method") + 1] not in ("clip", "flip"):  # A-CLIP family
         argv += ["--ema-momentum", setup.ema_momentum]
         argv += ["--ssl-hidden-dim", hidden, "--ssl-embed-dim", embed]
     return argv
