@@ -107,9 +107,9 @@ def _topk_per_k(scores: torch.Tensor, ks: Sequence[int], k_max: int) -> dict[int
 
 
 def retrieval_recall(
-    image_features: Any,
-    text_features: Any,
-    text_to_image: Any,
+    image_features: torch.Tensor | np.ndarray,
+    text_features: torch.Tensor | np.ndarray,
+    text_to_image: torch.Tensor | np.ndarray | Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
 ) -> dict[str, float]:
