@@ -76,7 +76,7 @@ def independent_step(steps: MicroSteps) -> dict[str, torch.Tensor]:
         with steps.sync(micro == steps.count - 1), steps.autocast():
             loss, parts = steps.engine(batch)
         steps.backward(loss / steps.count)
-        for k, v in {"loss": loss.detach(), **parts}.items():
+        for k, v in {**parts, "loss": loss.detach()}.items():  # the loss returned is the truth
             parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / steps.count
     return parts_sum
 
@@ -98,7 +98,7 @@ def exact_step(steps: MicroSteps) -> dict[str, torch.Tensor]:
             emb = steps.engine(batch, embed_only=True, with_teacher=False)
         steps.backward(_surrogate(emb, cached, _rows(embeddings, micro), last))
     set_rng_state(after_pass_1, steps.device)
-    return {"loss": loss.detach().float(), **{k: v.float() for k, v in parts.items()}}
+    return {**{k: v.float() for k, v in parts.items()}, "loss": loss.detach().float()}
 
 
 def _embed_without_graph(steps: MicroSteps) -> tuple[list[dict], list[dict], list[Embeddings]]:
