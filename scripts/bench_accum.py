@@ -181,7 +181,7 @@ def time_configs(accums: tuple[int, ...], reference: bool) -> list[tuple[str, in
     for k in accums:
         configs += [("independent", k), ("exact", k)]
     if reference:
-        configs += [("open_clip", 1)] + [("open_clip", k) for k in accums]
+        configs += [("open_clip", k) for k in accums]
     return configs
 
 
@@ -311,6 +311,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--time-samples", type=int, default=None, help="Samples per time run (2048).")
     ap.add_argument("--warmup-samples", type=int, default=None, help="Samples whose steps the "
                     "steady state skips (512).")  # fmt: skip
+    ap.add_argument("--accum", default=None, help="K of the time runs, comma-separated (4,8).")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads.")
     ap.add_argument("--workers", type=int, default=1, help="Data workers of the time runs.")
     ap.add_argument("--work-dir", default=str(ROOT / ".bench"), help="Demo shards live here.")
@@ -322,6 +323,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     model, micro, accums = MODES["quick" if args.quick else "full"]
+    accums = tuple(int(k) for k in args.accum.split(",")) if args.accum else accums
     cfg = prepare(args, model, micro)
     max_batch = args.max_batch or (2 * micro if args.quick else 4096)
     batches = [micro * 2**i for i in range(16) if micro * 2**i <= max_batch]
@@ -349,9 +351,12 @@ def main() -> None:
     if out.exists():  # a run of one part keeps the other part's numbers (each has its date)
         earlier = json.loads(out.read_text())
         if earlier.get("settings", {}).get("model") == results["settings"]["model"]:
-            kept = [k for k in earlier if k.startswith("date_")] + ["memory", "time"]
+            kept = [k for k in earlier if k.startswith(("date_", "settings_"))]
+            kept += ["memory", "time"]
             results |= {k: earlier[k] for k in [*kept, "time_summary"]}
-    results["date_" + "+".join(parts)] = results["date"]
+    for part in parts:  # which run each part's numbers come from
+        results[f"date_{part}"] = results["date"]
+        results[f"settings_{part}"] = results["settings"] | {"command": results["command"]}
     if "memory" in parts:
         results["memory"] = memory_rows(cfg, batches, micro)
     if "time" in parts:

@@ -86,7 +86,6 @@ def test_bench_accum_time_summary_arithmetic():
         ("plain", 1),
         ("independent", 4),
         ("exact", 4),
-        ("open_clip", 1),
         ("open_clip", 4),
     ]
     rows = [
