@@ -51,3 +51,55 @@ def test_partial_rerun_keeps_other_rows(tmp_path):
     assert bench._earlier_rows(out, quick=False) == {"train": rows[0], "index": rows[1]}
     assert bench._earlier_rows(out, quick=True) == {}  # another mode's file is not merged
     assert bench._earlier_rows(tmp_path / "missing.json", quick=False) == {}
+
+
+def load_bench_accum():
+    spec = importlib.util.spec_from_file_location(
+        "bench_accum", ROOT / "scripts" / "bench_accum.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_accum_quick_memory_rows(tmp_path):
+    """The quickest run end to end (3 fresh `clipkit pretrain` processes, no open_clip): one
+    exact and one plain row per effective batch, K = effective / micro-batch."""
+    out = tmp_path / "accum.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_accum.py"), "--quick", "--no-reference"]
+    cmd += ["--parts", "memory", "--max-batch", "16", "--threads", "1"]
+    cmd += ["--work-dir", str(tmp_path), "--out", str(out), "--plot", str(tmp_path / "m.png")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    results = json.loads(out.read_text())
+    rows = {(r["mode"], r["effective_batch"]): r for r in results["memory"]}
+    assert sorted(rows) == [("exact", 8), ("exact", 16), ("plain", 8), ("plain", 16)]
+    assert [rows["exact", e]["accum"] for e in (8, 16)] == [1, 2]
+    assert [rows["plain", e]["micro_batch"] for e in (8, 16)] == [8, 16]
+    for r in rows.values():
+        assert r["peak_rss_mb"] > 100 and r["cpu_s"] > 0 and r["steps"] == 2
+    assert (tmp_path / "m.png").stat().st_size > 1000 and results["time"] == []
+
+
+def test_bench_accum_time_summary_arithmetic():
+    bench = load_bench_accum()
+    assert bench.time_configs((4,), reference=True) == [
+        ("plain", 1),
+        ("independent", 4),
+        ("exact", 4),
+        ("open_clip", 4),
+    ]
+    rows = [
+        {"config": c, "accum": k, "samples_per_s": s, "cpu_s": 2.0, "wall_s": 4.0}
+        for c, k, s in [("plain", 1, 120), ("independent", 4, 100), ("independent", 4, 80)]
+        + [("exact", 4, 60), ("exact", 4, 70), ("exact", 4, 50), ("open_clip", 4, 30)]
+    ]
+    summary = {(r["config"], r["accum"]): r for r in bench.time_summary(rows)}
+    exact = summary["exact", 4]
+    assert exact["samples_per_s"] == 60 and exact["repeats"] == 3  # the median
+    assert exact["ms_per_sample"] == pytest.approx(1000 / 60)
+    assert exact["time_vs_independent"] == pytest.approx(90 / 60)
+    assert exact["time_vs_plain"] == pytest.approx(120 / 60)
+    assert exact["time_vs_open_clip"] == pytest.approx(30 / 60)
+    assert exact["cpu_per_wall"] == 0.5 and "time_vs_plain" not in summary["plain", 1]
+    table = bench.markdown({"memory": [], "time_summary": list(summary.values())})
+    assert "| exact | 4 | 60.0 | 16.67 | 2.00x | 1.50x | 0.50x | 0.50 |" in table
