@@ -4,6 +4,7 @@ saved as RUN_DIR/config.yaml and inside every checkpoint (no `getattr(cfg, 'X', 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -81,6 +82,8 @@ class RunConfig:
     keep_last: int | None = None  # step checkpoints to keep (None: all)
     compile: bool = False
     threads: int | None = None  # torch CPU threads per process (None: cores / local ranks)
+    report_to: str = "tensorboard"  # comma list of REPORT_TARGETS, or "none"
+    wandb_project: str = "clipkit"  # W&B project of --report-to wandb
 
 
 @dataclass
@@ -194,6 +197,34 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
     atomic_write_bytes(Path(path), data)  # a crash never leaves a half-written config.yaml
 
 
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def report_targets(report_to: str) -> tuple[str, ...]:
+    """The reports a `--report-to` value names ("tensorboard,wandb"; "none": none)."""
+    names = tuple(n.strip() for n in report_to.split(",") if n.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in REPORT_TARGETS]
+    if unknown:
+        raise ConfigError(
+            f"--report-to: unknown report {unknown[0]!r} (known: {', '.join(REPORT_TARGETS)}, "
+            "or none alone)"
+        )
+    return names
+
+
+def _check_reports(r: RunConfig) -> None:
+    """Known report names; W&B's package present when asked for (found, not imported: slow)."""
+    targets = report_targets(r.report_to)
+    if "wandb" in targets:
+        _check(
+            importlib.util.find_spec("wandb") is not None,
+            "--report-to wandb needs the wandb package: pip install wandb",
+        )
+        _check(bool(r.wandb_project.strip()), "--wandb-project must not be empty")
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -226,6 +257,7 @@ def validate(cfg: Config) -> Config:
     _check(r.log_every >= 1, "--log-every must be >= 1")
     _check(r.keep_last is None or r.keep_last >= 1, "--keep-last must be >= 1")
     _check(r.threads is None or r.threads >= 1, "--threads must be >= 1")
+    _check_reports(r)
     mc = cfg.model
     _check(mc.image_size is None or mc.image_size >= 1, "--image-size must be >= 1")
     _check(mc.context_length is None or mc.context_length >= 1, "--context-length must be >= 1")
@@ -277,6 +309,8 @@ CHANGEABLE_ON_RESUME = {
         "keep_last",
         "compile",
         "threads",
+        "report_to",
+        "wandb_project",
     },
 }
 

@@ -3,6 +3,8 @@
     RUN/config.yaml              the resolved config of the run
     RUN/metrics.jsonl            one JSON object per logged step
     RUN/tensorboard/             TensorBoard events
+    RUN/wandb_id                 the W&B run id (--report-to wandb), reused by --resume
+    RUN/wandb/                   W&B's own files (offline runs, logs)
     RUN/curves.png               loss / lr curves
     RUN/.lock                    held by the one process training into RUN
     RUN/checkpoints/step-N.pt    the checkpoint of step N
@@ -23,6 +25,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
+WANDB_ID = "wandb_id"
 LOCK = ".lock"
 
 
@@ -47,6 +50,7 @@ class RunDir:
     metrics = _InRoot(METRICS)
     curves = _InRoot(CURVES)
     tensorboard = _InRoot(TENSORBOARD)
+    wandb_id = _InRoot(WANDB_ID)
     lock = _InRoot(LOCK)
 
     def __init__(self, root: str | Path):

@@ -183,6 +183,21 @@ FLAGS = [
     ("--save-every", "run.save_every", int, "Steps between checkpoints (default 1000)."),
     ("--keep-last", "run.keep_last", int, "Keep only the newest N step checkpoints."),
     ("--log-every", "run.log_every", int, "Steps between log lines / metrics.jsonl records."),
+    (
+        "--report-to",
+        "run.report_to",
+        str,
+        "Where metrics go besides metrics.jsonl and curves.png: tensorboard (default), wandb "
+        "(Weights & Biases: pip install wandb; WANDB_MODE=offline needs no network), both as "
+        "tensorboard,wandb, or none.",
+    ),
+    (
+        "--wandb-project",
+        "run.wandb_project",
+        str,
+        "W&B project of --report-to wandb (default clipkit); the W&B run is named after --out "
+        "and --resume continues it.",
+    ),
     ("--threads", "run.threads", int, "torch CPU threads per process (default: cores/ranks)."),
 ]
 SWITCHES = [

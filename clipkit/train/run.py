@@ -89,7 +89,7 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
             "step 0 (its metrics.jsonl, tensorboard/ and curves.png are replaced)",
             run_dir,
         )
-        for path in (layout.metrics, layout.curves):
+        for path in (layout.metrics, layout.curves, layout.wandb_id):  # a new W&B run too
             path.unlink(missing_ok=True)
         shutil.rmtree(layout.tensorboard, ignore_errors=True)
     return run_dir

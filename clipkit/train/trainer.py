@@ -27,7 +27,7 @@ from clipkit.distributed import DistInfo, all_reduce_mean
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import MicroSteps, exact_step, independent_step
 from clipkit.train.bad_data import bad_counts, too_many_bad
-from clipkit.train.logging import RunLog, log, plot_curves
+from clipkit.train.logging import RunLog, log
 from clipkit.train.optim import lr_at, set_lr
 from clipkit.train.precision import autocast, resolve_precision, scaled_step, scaler_record
 from clipkit.train.rng import rng_state
@@ -77,7 +77,7 @@ class Trainer:
         self.engine = self._wrap_ddp(method)
         if cfg.run.compile:
             self.engine = torch.compile(self.engine)
-        self.runlog = RunLog(run_dir, dist.is_main)
+        self.runlog = RunLog(run_dir, dist.is_main, cfg)
         self.runlog.truncate_after(state.step)
         self.stop_requested: str | None = None
         self.saved_step: int | None = state.step or None  # step of the newest checkpoint on disk
@@ -144,14 +144,15 @@ class Trainer:
                     break
             if self.state.step > (self.saved_step or 0):  # steps trained since the last save
                 self.save()
+        except BaseException:
+            self.runlog.close(curves=False)  # no figure of a crash; W&B marks the run failed
+            raise
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
             if progress is not None:
                 progress.close()
-            self.runlog.close()
-        if self.dist.is_main:  # curves for preempted runs too
-            plot_curves(self.layout.metrics, self.layout.curves)
+        self.runlog.close()  # draws curves.png (preempted runs too), then ends the reports
         stopped = {"stopped_by": self.stop_requested} if self.stop_requested else {}
         return {**stopped, **self._summary()}
 
