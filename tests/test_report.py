@@ -271,6 +271,11 @@ def _key(item) -> str:
 
 
 def offline_runs(run_dir: Path) -> list[dict]:
+    """Every offline W&B run under run_dir, oldest first. W&B's service may still hold a finished
+    run's last records in its write buffer: shut it down first (a process exit does the same)."""
+    import wandb
+
+    wandb.teardown()
     files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
     return [wandb_run(p) for p in files]
 
