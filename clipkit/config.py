@@ -205,6 +205,8 @@ def report_targets(report_to: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in report_to.split(",") if n.strip())
     if names == ("none",):
         return ()
+    if not names:
+        raise ConfigError("--report-to is empty: give tensorboard, wandb, both, or none")
     unknown = [n for n in names if n not in REPORT_TARGETS]
     if unknown:
         raise ConfigError(

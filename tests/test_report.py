@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cli_util import run, user_error
 
+from clipkit import methods  # noqa: F401  (Config knows each method's settings from it)
 from clipkit.cli.main import cli
 from clipkit.config import Config, ConfigError, report_targets, validate
 from clipkit.train.logging import (
@@ -187,6 +188,8 @@ def test_report_targets():
     for bad in ("mlflow", "tensorboard,none"):
         with pytest.raises(ConfigError, match="--report-to: unknown report"):
             report_targets(bad)
+    with pytest.raises(ConfigError, match="--report-to is empty"):
+        report_targets(" , ")
 
 
 def test_unknown_report_is_refused_before_training(tmp_path, demo_root):
