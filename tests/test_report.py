@@ -366,3 +366,21 @@ def test_pretrain_reports_to_wandb_and_resume_continues_its_run(tmp_path, demo_r
         expected = report_scalars(record)
         assert {k: logged[record["step"]][k] for k in expected} == expected
     assert "curves/_type" in logged[3] and "curves/_type" in logged[5]
+
+
+def test_a_run_restarted_from_step_0_gets_a_new_wandb_run(tmp_path):
+    """A run that stopped before its first checkpoint starts again at step 0: its W&B run id is
+    dropped with its metrics (W&B would ignore steps it has already seen)."""
+    from clipkit.config import save_yaml
+    from clipkit.run_dir import RunDir
+    from clipkit.train.run import prepare_run_dir
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    cfg = Config.from_dict({"data": {"data": "x"}, "run": {"out": str(run.root), "steps": 1}})
+    save_yaml(cfg, run.config)
+    run.wandb_id.write_text("0123abcd\n")
+    run.metrics.write_text(json.dumps(TRAIN) + "\n")
+    prepare_run_dir(cfg, resume=False)
+    assert not run.wandb_id.exists() and not run.metrics.exists()
+    assert run.wandb_id.name == "wandb_id"
