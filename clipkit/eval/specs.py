@@ -124,9 +124,9 @@ def parse_specs(texts: list[str]) -> list[EvalSpec]:
 
 def parse_spec(text: str) -> EvalSpec:
     """One spec string -> EvalSpec, or a one-line ConfigError naming the spec and the fault."""
-    if not isinstance(text, str) or not text.strip():
+    text = text.strip() if isinstance(text, str) else text
+    if not isinstance(text, str) or not text:
         raise ConfigError(f"--eval {text!r}: empty; expected [NAME=]TASK:SOURCE[,KEY=VALUE...]")
-    text = text.strip()
     named = _NAMED.fullmatch(text)
     name, body = (named.group(1), named.group(2)) if named else (None, text)
     task, sep, rest = body.partition(":")
