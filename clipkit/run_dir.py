@@ -9,6 +9,8 @@
     RUN/.lock                    held by the one process training into RUN
     RUN/checkpoints/step-N.pt    the checkpoint of step N
     RUN/checkpoints/latest.pt    a hard link to the newest step-N.pt
+    RUN/eval/step-N/NAME.json    the results of evaluation NAME at step N (NAME.ema.json: the
+                                 EMA weights'), CLIP_benchmark's schema
 
 Plain paths only (no torch): the lock, the logs, the checkpoint file format and the trainer all
 read their places from here.
@@ -26,6 +28,7 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
 WANDB_ID = "wandb_id"
+EVAL = "eval"
 LOCK = ".lock"
 
 
@@ -62,6 +65,15 @@ class RunDir:
 
     def step_checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{STEP_PREFIX}{step}.pt"
+
+    def eval_step_dir(self, step: int) -> Path:
+        """Where the evaluations of step N write their results."""
+        return self.root / EVAL / f"{STEP_PREFIX}{step}"
+
+    def eval_results(self, step: int, name: str, weights: str = "online") -> Path:
+        """The results JSON of evaluation `name` at `step` (the EMA weights': NAME.ema.json)."""
+        suffix = ".json" if weights == "online" else f".{weights}.json"
+        return self.eval_step_dir(step) / f"{name}{suffix}"
 
     def step_checkpoints(self) -> list[Path]:
         """Every checkpoints/step-N.pt, oldest step first (other names are not ours: skipped)."""

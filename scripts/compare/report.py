@@ -72,7 +72,10 @@ def paired(summary: dict, budget: str, a: str, b: str, weights: str = "online") 
 
 def verdict(d: dict, at_least: bool = False) -> str:
     """'holds' when the paired difference is beyond two standard errors in the claimed direction;
-    for a '>=' claim, when it is not beyond two standard errors below zero."""
+    for a '>=' claim, when it is not beyond two standard errors below zero. One seed has no
+    standard error, so no verdict."""
+    if d.get("n", 2) < 2:
+        return "one seed: no verdict"
     if at_least:
         if d["diff"] < -2 * d["se"]:
             return "does not hold (worse)"
@@ -115,6 +118,24 @@ CLAIMS = [  # (claim, budget, method a, method b, a's weights, ">=" claim)
     ),  # fmt: skip
     ("MS-CLIP >= CLIP (equal samples)", "samples", "msclip", "clip", "online", True),
     ("MS-CLIP >= CLIP (equal wall-clock)", "time", "msclip", "clip", "online", True),
+    # issue 16's rows (--methods clip,clip-siglip,clip-x8-exact,clip-x8-independent)
+    (
+        "exact > independent accumulation, 8 x 128 (equal samples)",
+        "samples",
+        "clip-x8-exact",
+        "clip-x8-independent",
+        "online",
+        False,
+    ),  # fmt: skip
+    (
+        "batch 8 x 128 exact >= batch 128 (equal samples)",
+        "samples",
+        "clip-x8-exact",
+        "clip",
+        "online",
+        True,
+    ),  # fmt: skip
+    ("SigLIP >= CLIP loss (equal samples)", "samples", "clip-siglip", "clip", "online", True),
 ]
 
 
@@ -130,6 +151,8 @@ def claims_table(summary: dict) -> list[str]:
         diff = f"{100 * d['diff']:+.1f} ± {100 * d['se']:.1f} (n={d['n']})"
         lines.append(f"| {claim} | {diff} | {verdict(d, at_least)} |")
     p = summary["parameters"]
+    if "msclip" not in {m["name"] for m in summary["methods"]}:
+        return lines
     lines.append(
         f"| MS-CLIP has fewer parameters than CLIP | {p['msclip']:,} vs {p['clip']:,} | "
         f"{'holds' if p['msclip'] < p['clip'] else 'does not hold'} |"
@@ -189,8 +212,23 @@ def commands(summary: dict) -> list[str]:
     return lines
 
 
+def _time_budget(summary: dict) -> str:
+    """The equal-wall-clock sentence, when the comparison ran that budget (`--budgets`)."""
+    if not _has_time_runs(summary):
+        return ""
+    return (
+        f"Equal wall-clock: CLIP's median training time ({summary['clip_time_budget_s']:.0f} s), "
+        "converted into each method's samples with its own measured seconds per sample. "
+    )
+
+
+def _has_time_runs(summary: dict) -> bool:
+    return any(r["budget"] == "time" for r in summary["runs"])
+
+
 def write_report(summary: dict, path: Path, plot_path: Path) -> None:
-    plot(summary, plot_path)
+    if _has_time_runs(summary):
+        plot(summary, plot_path)
     s = summary["setup"]
     rel_plot = os.path.relpath(Path(plot_path).resolve(), Path(path).resolve().parent)
     text = [
@@ -205,9 +243,7 @@ def write_report(summary: dict, path: Path, plot_path: Path) -> None:
         f"context {s['context']}; MS-CLIP is the same width/depth with one shared Transformer. "
         f"Every run: batch {s['batch']}, lr {s['lr']}, warmup {s['warmup_share']:.0%} of "
         f"the steps, cosine, AdamW wd 0.2, seeds {s['seeds']}. Equal samples: "
-        f"{s['samples']:,} pairs per run. Equal wall-clock: CLIP's median training time "
-        f"({summary['clip_time_budget_s']:.0f} s), converted into each method's samples with "
-        "its own measured seconds per sample. A-CLIP rows: EMA momentum "
+        f"{s['samples']:,} pairs per run. {_time_budget(summary)}A-CLIP rows: EMA momentum "
         f"{s['ema_momentum']} -> 1 (cosine) and SSL heads {s['ssl_dims'][0]}/{s['ssl_dims'][1]} "
         "wide (see notes).",
         "",
@@ -219,8 +255,11 @@ def write_report(summary: dict, path: Path, plot_path: Path) -> None:
         "",
         *claims_table(summary),
         "",
-        f"![zero-shot accuracy against training time]({rel_plot})",
-        "",
+        *(
+            [f"![zero-shot accuracy against training time]({rel_plot})", ""]
+            if _has_time_runs(summary)
+            else []
+        ),
         "## Commands",
         "",
         *commands(summary),
