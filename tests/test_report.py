@@ -82,6 +82,9 @@ def test_report_names_of_every_kind_of_record():
         "eval/shapes/ema/seconds": 0.5,
     }
     assert report_scalars(VAL) == {"val/loss": 3.5, "val/seconds": 0.25}
+    # an undefined metric (acc5 with < 5 classes) is null in the record: no scalar
+    undefined = report_scalars({**ZERO_SHOT, "eval/shapes/acc5": None})
+    assert "eval/shapes/acc5" not in undefined and undefined["eval/shapes/acc1"] == 0.5
     assert report_scalars(FAILED) == {}
     # dicts and strings of a training record are not scalars
     assert report_scalars({"step": 1, "loss": 2.0, "bad_by_reason": {"decode": 1}}) == {
