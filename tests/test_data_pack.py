@@ -211,11 +211,11 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     out = tmp_path / "out"
     real, calls = pack_module.write_shard, []
 
-    def interrupted(task):
-        calls.append(task[0].name)
+    def interrupted(path, *args):
+        calls.append(path.name)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(task)
+        return real(path, *args)
 
     monkeypatch.setattr(pack_module, "write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):

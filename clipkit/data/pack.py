@@ -14,7 +14,8 @@ OUT/{split}/nshards.txt, OUT/classnames.txt, OUT/zeroshot_classification_templat
 How: (1) list the source (`pack_sources`); (2) read every record once, in parallel, to drop the
 unusable (missing image, bad caption) and exact duplicates (same image bytes, caption and label;
 the first in listing order is kept); (3) shuffle the rest by `seed` and cut it into shards of
-`shard_size`; (4) write the shards in parallel (`pack_write`), each atomically, then its stats.
+`shard_size`; (4) encode the records in parallel (`pack_write`) and write each shard, atomically,
+as soon as its records are done, then its stats.
 
 The plan (settings + the ordered record hashes of every shard) has a digest that every stats
 file carries. A pack run again on the same inputs finds the shards whose stats carry the same
@@ -41,6 +42,7 @@ from clipkit.data.pack_workers import worker_map
 from clipkit.data.pack_write import (
     RESIZE_MODES,
     ShardSettings,
+    encode_record,
     fingerprint,
     stats_path,
     write_shard,
@@ -219,10 +221,6 @@ def pack(o: PackOptions, progress: Progress | None = None) -> dict:
     return _finish(report, sel, len(listing.records), listing.kind, out, start)
 
 
-def _write_named(task) -> tuple[str, dict]:
-    return task[0].name, write_shard(task)
-
-
 def _write(o, out: Path, classnames, s, shards, plan, run, tick) -> dict:
     resumed = _prepare_out(out, plan, o.overwrite)
     folder = out / o.split if o.eval_layout else out
@@ -237,14 +235,20 @@ def _write(o, out: Path, classnames, s, shards, plan, run, tick) -> dict:
     }
     kept = sum(v is not None for v in stats.values())
     tasks = [
-        (p, i, [r for r, _ in shard], s, plan)
+        (p, i, [r for r, _ in shard])
         for i, (p, shard) in enumerate(zip(paths, shards, strict=True))
         if stats[p.name] is None
     ]
-    total = sum(len(t[2]) for t in tasks)
-    for shard_name, result in run(_write_named, tasks, ordered=False):
-        stats[shard_name] = result
-        tick("write", result["count"], total)
+    # One ordered stream of records over all shards still to write: workers encode, this
+    # process cuts the results into shards and writes each as soon as it is complete.
+    records = [r for _, _, shard in tasks for r in shard]
+    encoded = iter(run(partial(encode_record, s=s), records, ordered=True))
+    for path, index, shard in tasks:
+        done = []
+        for _ in shard:
+            done.append(next(encoded))
+            tick("write", 1, len(records))
+        stats[path.name] = write_shard(path, index, shard, done, s, plan)
     sizes = {n: st["successes"] for n, st in stats.items()}
     atomic_write_bytes(folder / "sizes.json", (json.dumps(sizes, indent=1) + "\n").encode())
     if o.eval_layout:

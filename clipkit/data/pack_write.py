@@ -1,9 +1,11 @@
 """The per-record and per-shard work of `clipkit data pack`, run in its worker processes.
 
 `fingerprint` reads one record (image bytes, caption) and either names why it is unusable or
-returns the sha256 that finds exact duplicates. `write_shard` decodes, resizes and encodes the
-records of one shard and writes it atomically with its img2dataset-style stats file; its bytes
-depend only on the records and the settings, never on the process or the time.
+returns the sha256 that finds exact duplicates; `encode_record` decodes, resizes and encodes
+one. Both run in the worker processes, record by record, so every process is busy however few
+shards there are. `write_shard` (in the main process) writes a shard's encoded records
+atomically with its img2dataset-style stats file; its bytes depend only on the records and the
+settings, never on the process or the time.
 """
 
 from __future__ import annotations
@@ -114,15 +116,23 @@ def encode_image(data: bytes, s: ShardSettings) -> tuple[bytes, dict]:
     return buf.getvalue(), sizes
 
 
-def _sample(record: Record, key: str, s: ShardSettings) -> dict[str, bytes]:
-    caption = check_caption(record.caption, needed=not s.eval_layout)
-    image, sizes = encode_image(_image_bytes(record, s), s)
-    meta = {"key": key, "source": record.name, **record.meta, **sizes}
+def encode_record(record: Record, s: ShardSettings) -> tuple[dict | None, str | None]:
+    """({image, sizes, caption}, None) ready for a shard, or (None, why it is unusable)."""
+    try:
+        caption = check_caption(record.caption, needed=not s.eval_layout)
+        image, sizes = encode_image(_image_bytes(record, s), s)
+    except BadSample as e:
+        return None, e.reason
+    return {"image": image, "sizes": sizes, "caption": caption}, None
+
+
+def _fields(record: Record, key: str, encoded: dict, s: ShardSettings) -> dict[str, bytes]:
+    meta = {"key": key, "source": record.name, **record.meta, **encoded["sizes"]}
     if s.eval_layout:
-        fields = {"png": image, "cls": str(record.label).encode()}
+        fields = {"png": encoded["image"], "cls": str(record.label).encode()}
     else:
-        meta["caption"] = caption
-        fields = {"jpg": image, "txt": caption.encode("utf-8")}
+        meta["caption"] = encoded["caption"]
+        fields = {"jpg": encoded["image"], "txt": encoded["caption"].encode("utf-8")}
     fields["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return fields
 
@@ -131,18 +141,20 @@ def stats_path(shard: Path) -> Path:
     return shard.with_name(shard.name.split(".")[0] + "_stats.json")
 
 
-def write_shard(task: tuple[Path, int, list[Record], ShardSettings, str]) -> dict:
-    """Write one shard (records in order, unusable ones skipped) and then its stats file, whose
-    `plan` says which pack it belongs to; returns the stats."""
-    path, index, records, s, plan = task
+def write_shard(
+    path: Path, index: int, records: list[Record], encoded: list[tuple], s: ShardSettings, plan: str
+) -> dict:
+    """Write one shard from its records and what `encode_record` made of them (unusable ones
+    skipped), then its stats file, whose `plan` says which pack it belongs to; returns the
+    stats."""
     skipped: dict[str, list[str]] = {}
     samples = []
-    for record in records:
+    for record, (done, reason) in zip(records, encoded, strict=True):
+        if done is None:
+            skipped.setdefault(reason, []).append(record.name)
+            continue
         key = f"{index:05d}{len(samples):0{s.key_digits}d}"
-        try:
-            samples.append((key, _sample(record, key, s)))
-        except BadSample as e:
-            skipped.setdefault(e.reason, []).append(record.name)
+        samples.append((key, _fields(record, key, done, s)))
     write_tar_atomic(path, samples)
     stats = {
         "count": len(records),
