@@ -86,6 +86,7 @@ class PackOptions:
 
 def validate(o: PackOptions) -> None:
     checks = [
+        (bool(o.source.strip()), "SOURCE is empty: give a table, a folder or a saved dataset"),
         (o.kind is None or o.kind in KINDS, f"--kind must be one of {', '.join(KINDS)}"),
         (o.resize_mode in RESIZE_MODES, f"--resize-mode must be one of {', '.join(RESIZE_MODES)}"),
         (o.image_size >= 8, "--image-size must be >= 8"),
