@@ -68,13 +68,13 @@ def test_bare_folder_counts_cache_and_reuse(bare, caplog):
     urls = sorted(str(p) for p in bare.glob("*.tar"))
     with caplog.at_level(logging.INFO, logger="clipkit.data.counting"):
         assert count_shards(urls, *KEYS) == expected == 512
-    assert "4 shard(s) from counted from tar headers" in caplog.text
+    assert "4 shard(s) from counting tar headers" in caplog.text
     cache = json.loads((bare / CACHE_NAME).read_text())
     assert sorted(cache["counts"]["|".join(KEYS)]) == sorted(p.name for p in bare.glob("*.tar"))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="clipkit.data.counting"):
         assert count_shards(urls, *KEYS) == 512
-    assert "4 shard(s) from cached count" in caplog.text
+    assert "4 shard(s) from the count cache" in caplog.text
     # a changed shard is counted again: the cache entry no longer matches its size
     _tar(bare / "shard-000000.tar", [("a.jpg", b"x"), ("a.txt", b"c")])
     assert count_shards(urls, *KEYS) == 512 - 128 + 1

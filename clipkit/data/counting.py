@@ -149,10 +149,10 @@ def _shard_count(shard: Path, sizes: dict, cache: _CountCache, keys: tuple) -> t
         return stats, "img2dataset stats"
     cached = cache.get(shard)
     if cached is not None:
-        return cached, "cached count"
+        return cached, "the count cache"
     count = count_tar(shard, *keys)
     cache.put(shard, count)
-    return count, "counted from tar headers"
+    return count, "counting tar headers"
 
 
 def count_shards(urls: list[str], image_key: str, text_key: str) -> int:
