@@ -285,3 +285,48 @@ def test_user_errors(tmp_path):
     assert invoke(*args, "--out", out).exit_code == 0
     assert "other inputs or settings" in user_error(*args, "--out", out, "--seed", 1)
     assert invoke(*args, "--out", out, "--seed", 1, "--overwrite").exit_code == 0
+
+
+def test_eval_layout_from_a_table_with_label_column(tmp_path):
+    table = _write_table(tmp_path / "t", n=9)
+    out = tmp_path / "zs"
+    opts = PackOptions(str(table), str(out), image_col="file", label_col="label", eval_layout=True)
+    opts.split, opts.template = "train", "a {c} photo."
+    assert pack(opts)["samples"] == 9
+    assert (out / "classnames.txt").read_text() == "blue\ngreen\nred\n"
+    assert (out / "zeroshot_classification_templates.txt").read_text() == "a {c} photo.\n"
+    for sample in shard_samples(str(out / "train" / "0.tar"), lambda e: False):
+        meta = json.loads(sample["json"])
+        assert sorted(CLASSES)[int(sample["cls"])] == meta["label"]
+        assert Image.open(io.BytesIO(sample["png"])).format == "PNG"
+
+
+@pytest.mark.parametrize(
+    "mode, size, expected",
+    [("keep_ratio", 20, (40, 20)), ("center_crop", 20, (20, 20)), ("border", 20, (20, 20)),
+     ("no", 20, (60, 30))],
+)  # fmt: skip
+def test_resize_modes(mode, size, expected):
+    from clipkit.data.pack_write import resize
+
+    image = Image.new("RGB", (60, 30), (255, 0, 0))
+    out = resize(image, mode, size)
+    assert out.size == expected
+    if mode == "border":  # the 20x10 picture sits in the middle of a black square
+        pixels = np.asarray(out)
+        assert (pixels[:5] == 0).all() and (pixels[15:] == 0).all()
+        assert (pixels[5:15, :, 0] > 200).all()
+    if mode == "center_crop":
+        assert (np.asarray(out)[..., 0] > 200).all()
+
+
+def test_hf_source_same_bytes_with_two_processes(tmp_path):
+    source = _write_hf(tmp_path / "h")
+    a, b = tmp_path / "a", tmp_path / "b"
+    pack(PackOptions(str(source), str(a), caption_col="text", image_size=16, shard_size=5))
+    opts = PackOptions(str(source), str(b), caption_col="text", image_size=16, shard_size=5)
+    opts.processes = 2
+    assert pack(opts)["samples"] == 12
+    assert _tars(a) == _tars(b) and len(_tars(a)) == 3
+    meta = json.loads(next(iter(_read_back(a).values()))["json"])
+    assert "idx" in meta  # the extra column rides along
