@@ -12,6 +12,7 @@ from PIL import Image
 from clipkit.data import pack as pack_module
 from clipkit.data.pack import PackOptions, pack
 from clipkit.data.tarscan import shard_samples
+from clipkit.fileio import OutputError
 from tests.cli_util import invoke, user_error
 
 CLASSES = ("red", "green", "blue")
@@ -330,3 +331,25 @@ def test_hf_source_same_bytes_with_two_processes(tmp_path):
     assert _tars(a) == _tars(b) and len(_tars(a)) == 3
     meta = json.loads(next(iter(_read_back(a).values()))["json"])
     assert "idx" in meta  # the extra column rides along
+
+
+def test_eval_layout_train_and_test_splits_share_one_folder(tmp_path):
+    train, test = _write_classes(tmp_path / "train"), _write_classes(tmp_path / "test")
+    (test / "red" / "img00.png").unlink()  # the two sources differ
+    out = tmp_path / "zs"
+
+    def opts(source, split, **more):
+        return PackOptions(str(source), str(out), image_size=16, eval_layout=True, split=split,
+                           **more)  # fmt: skip
+
+    assert pack(opts(train, "train"))["samples"] == 12
+    assert pack(opts(test, "test"))["samples"] == 11
+    before = _tars(out / "train")
+    with pytest.raises(OutputError, match="other inputs or settings"):
+        pack(opts(test, "test", seed=1))
+    assert pack(opts(test, "test", seed=1, overwrite=True))["samples"] == 11
+    assert _tars(out / "train") == before and (out / "train" / "nshards.txt").is_file()
+    (tmp_path / "other" / "cat").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "other" / "cat" / "a.png")
+    with pytest.raises(OutputError, match="splits with other class names"):
+        pack(opts(tmp_path / "other", "val"))

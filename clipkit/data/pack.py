@@ -145,24 +145,40 @@ def _plan_digest(o: PackOptions, s: ShardSettings, shards: list[list[tuple[Recor
     return h.hexdigest()[:32]
 
 
-def _prepare_out(out: Path, plan: str, overwrite: bool) -> bool:
-    """Make `out` ready for `plan`; True when it holds an earlier (maybe unfinished) run of it."""
+def _earlier_plan(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / PLAN_NAME).read_text()).get("plan")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _other_classes(out: Path, classnames: list[str]) -> bool:
+    """An eval-layout `out` whose other splits name other classes than this pack."""
+    names = out / "classnames.txt"
+    return names.is_file() and names.read_text().splitlines() != classnames
+
+
+def _prepare_out(out: Path, folder: Path, plan: str, o: PackOptions, classnames) -> bool:
+    """Make `folder` (`out`, or its split folder) ready for `plan`; True when it holds an
+    earlier (maybe unfinished) run of it. Another pack there is replaced only with --overwrite;
+    in the eval layout, a new split joins the others when their class names agree."""
     if output_kind(out) == PACK_KIND:
-        try:
-            earlier = json.loads((out / PLAN_NAME).read_text()).get("plan")
-        except (OSError, ValueError, AttributeError):
-            earlier = None
-        if earlier == plan:
+        if folder.exists() and _earlier_plan(folder) == plan:
             return True
-        if not overwrite:
+        other = "a pack of other inputs or settings" if folder.exists() else None
+        if o.eval_layout and _other_classes(out, classnames):
+            other = "splits with other class names"
+        if other and not o.overwrite:
             raise OutputError(
-                f"--out {out} holds a pack of other inputs or settings; pass --overwrite to "
-                "replace it, or choose another --out"
+                f"--out {out} holds {other}; pass --overwrite to replace it, or choose another "
+                "--out"
             )
-        shutil.rmtree(out)
+        if other:
+            shutil.rmtree(out if other.startswith("splits") else folder)
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, PACK_KIND)  # first: an interrupted pack is recognised and resumed
-    atomic_write_bytes(out / PLAN_NAME, (json.dumps({"plan": plan}) + "\n").encode())
+    folder.mkdir(exist_ok=True)
+    atomic_write_bytes(folder / PLAN_NAME, (json.dumps({"plan": plan}) + "\n").encode())
     return False
 
 
@@ -223,9 +239,8 @@ def pack(o: PackOptions, progress: Progress | None = None) -> dict:
 
 
 def _write(o, out: Path, classnames, s, shards, plan, run, tick) -> dict:
-    resumed = _prepare_out(out, plan, o.overwrite)
     folder = out / o.split if o.eval_layout else out
-    folder.mkdir(exist_ok=True)
+    resumed = _prepare_out(out, folder, plan, o, classnames)
     for junk in folder.glob(".*.tmp-*"):  # left by a worker killed mid-shard (never renamed)
         junk.unlink()
     name = "{}.tar" if o.eval_layout else "{:05d}.tar"
