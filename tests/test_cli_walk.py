@@ -104,6 +104,18 @@ def index_dir(tiny_checkpoint, demo_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pack_source(tmp_path_factory):
+    """Two images with captions beside them, for `data pack`."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("pack-source")
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (24, 20), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} square")
+    return folder
+
+
+@pytest.fixture(scope="module")
 def shard_copy(demo_root, tmp_path_factory):
     """The demo eval shards copied (data check writes sizes.json next to them)."""
     import shutil
@@ -142,6 +154,7 @@ def base_invocation(path: tuple, fx: dict, fresh) -> list:
             "--probe-train-samples", 16, "--image-size", 32, "--shard-size", 16,
         ],
         ("data", "check"): [POSITIONAL, "--json"],
+        ("data", "pack"): [POSITIONAL, "--out", fresh() / "packed", "--image-size", 16],
         ("models",): [POSITIONAL],
         ("inspect", "masks"): [
             "--checkpoint", fx["aclip"], "--data", demo / "eval", "--out", fresh() / "m.png",
@@ -154,7 +167,8 @@ def base_invocation(path: tuple, fx: dict, fresh) -> list:
 def positional_value(path: tuple, fx: dict) -> str:
     """The valid value of the command's positional argument (where it has one)."""
     values = {("zero-shot",): "demo", ("probe",): "demo", ("models",): "test"}
-    return str(fx["shards"]) if path == ("data", "check") else values.get(path, "")
+    shards = {("data", "check"): fx["shards"], ("data", "pack"): fx["pack_source"]}
+    return str(shards[path]) if path in shards else values.get(path, "")
 
 
 COMMANDS = [path for path, _ in walk()]
@@ -167,6 +181,7 @@ def test_every_command_has_a_base_invocation():
     from pathlib import Path
 
     fake = {k: Path(v) for k, v in fake.items()} | {"shards": Path("/x/shards")}
+    fake["pack_source"] = Path("/x/pack-source")
     for path in COMMANDS:
         base_invocation(path, fake, lambda: Path(f"/x/{next(fresh_dirs)}"))
 
@@ -181,7 +196,15 @@ def method_for_setting(param: click.Parameter) -> list:
 
 @pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
 def test_every_option_with_bad_values(
-    path, files, tiny_checkpoint, demo_root, index_dir, aclip_checkpoint, shard_copy, tmp_path
+    path,
+    files,
+    tiny_checkpoint,
+    demo_root,
+    index_dir,
+    aclip_checkpoint,
+    shard_copy,
+    pack_source,
+    tmp_path,
 ):
     command = dict(walk())[path]
     counter = itertools.count()
@@ -198,6 +221,7 @@ def test_every_option_with_bad_values(
         "index_dir": index_dir,
         "aclip": aclip_checkpoint,
         "shards": shard_copy,
+        "pack_source": pack_source,
     }
     runner = CliRunner()
     failures, cases = [], 0

@@ -10,7 +10,7 @@ from clipkit.cli.options import option_rows
 
 @click.group()
 def data():
-    """Datasets: write the built-in demo data; check shards before training."""
+    """Datasets: pack your own images and captions; write the demo data; check shards."""
 
 
 def _demo_options(fn):
@@ -101,3 +101,83 @@ def check(shards, image_key, text_key, max_pixels, no_sizes, as_json):
     click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
     if report["samples"] == 0:
         fail(f"no usable samples in {len(urls)} shard(s) (see the report above)")
+
+
+def _pack_options(fn):
+    kinds = click.Choice(["table", "sidecar", "classes", "hf"])
+    modes = click.Choice(["keep_ratio", "center_crop", "border", "no"])
+    rows = [
+        ("--kind", None, kinds, "What SOURCE is (default: detected from what it holds)."),
+        ("--image-col", "image", None, "Table / HF column with the image path (or image)."),
+        ("--caption-col", "caption", None, "Table / HF column with the caption."),
+        ("--label-col", None, None, "Table column with the class (for --eval-layout)."),
+        (
+            "--template",
+            "a photo of a {c}.",
+            None,
+            "Caption of class-folder images ({c}: the class); also the --eval-layout template.",
+        ),
+        ("--resize-mode", "keep_ratio", modes, "keep_ratio: shorter side to --image-size; "
+         "center_crop: then the middle square; border: longer side, padded; no: as is."),
+        ("--image-size", 256, click.IntRange(min=8), "Side in pixels (see --resize-mode)."),
+        ("--quality", 95, click.IntRange(1, 100), "JPEG quality."),
+        ("--shard-size", 10_000, click.IntRange(min=1), "Samples per shard."),
+        ("--processes", 1, click.IntRange(min=1), "Worker processes."),
+        ("--seed", 0, click.IntRange(min=0), "Shuffle seed: same inputs and seed, same bytes."),
+        (
+            "--max-pixels",
+            89_478_485,
+            click.IntRange(min=1),
+            "Larger images are skipped (decompression-bomb guard).",
+        ),
+        ("--split", "test", None, "Split folder of --eval-layout."),
+    ]  # fmt: skip
+    flags = [
+        click.option(
+            "--eval-layout",
+            is_flag=True,
+            help="Write CLIP_benchmark's classification layout (KEY.png + KEY.cls, "
+            "classnames.txt, templates) for `zero-shot wds` / `probe wds`.",
+        ),
+        click.option(
+            "--overwrite", is_flag=True, help="Replace an --out that holds a different pack."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]
+    args = [click.argument("source"), click.option("--out", required=True, help="Folder to write.")]
+    return stack_options(fn, [*args, *option_rows(rows), *flags])
+
+
+@data.command()
+@_pack_options
+def pack(source, out, as_json, **kwargs):
+    """Pack your own images and captions into WebDataset shards for `clipkit pretrain`.
+
+    SOURCE is a CSV/TSV/Parquet table (image path + caption columns), a folder of images with
+    captions beside them (a.jpg + a.txt), a folder of class folders (class/a.jpg), or a Hugging
+    Face dataset saved with `save_to_disk`. Unusable inputs and exact duplicates are skipped and
+    counted; an interrupted pack resumes when run again with the same arguments."""
+    import json
+
+    from tqdm import tqdm
+
+    from clipkit.data.pack import PackOptions, format_report
+    from clipkit.data.pack import pack as pack_data
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, n: int, total: int) -> None:
+        if phase not in bars:  # no bar when stderr is not a terminal (disable=None)
+            label = "reading" if phase == "read" else "packing"
+            bars[phase] = tqdm(total=total, desc=label, unit="img", leave=False, disable=None)
+        bars[phase].update(n)
+
+    def pack_then_close_bars(options: PackOptions) -> dict:
+        try:
+            return pack_data(options, progress)
+        finally:  # before an error line is printed
+            for bar in bars.values():
+                bar.close()
+
+    report = run_guarded(pack_then_close_bars, PackOptions(source, out, **kwargs))
+    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))

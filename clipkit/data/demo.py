@@ -22,9 +22,8 @@ import json
 import math
 import os
 import shutil
-import tarfile
 import textwrap
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from clipkit.data.demo_draw import (
     SIZES,
     draw_scene,
 )
+from clipkit.data.tarwrite import write_tar
 from clipkit.fileio import (
     check_writable,
     guard_output_dir,
@@ -150,20 +150,6 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
-    """Write samples into one tar with fixed metadata (mtime 0, root owner) so the bytes depend
-    only on the content. Returns the number of samples."""
-    n = 0
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, fields in samples:
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, io.BytesIO(data))
-            n += 1
-    return n
-
-
 def _write_shards(
     folder: Path, samples: Iterator, total: int, shard_size: int, name: str
 ) -> dict[str, int]:
@@ -173,7 +159,7 @@ def _write_shards(
     for i, start in enumerate(range(0, total, shard_size)):
         count = min(shard_size, total - start)
         shard = name.format(i)
-        sizes[shard] = _write_tar(folder / shard, (next(samples) for _ in range(count)))
+        sizes[shard] = write_tar(folder / shard, (next(samples) for _ in range(count)))
     return sizes
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clipkit.config import ConfigError, DataConfig
+from clipkit.data.counting import count_shards
 from clipkit.data.preprocess import Preprocess
 from clipkit.data.shards import StreamSpec, batches_per_worker, make_loader
 from clipkit.data.sources import expand_sources, preflight, read_sizes
@@ -93,11 +94,14 @@ def build_loader(
     """Validate the data (pre-flight) and build the infinite training loader for this rank."""
     urls = expand_sources(cfg.data)
     preflight(urls, ranks=dist.world_size, workers=cfg.workers, resampled=cfg.resampled)
-    num_samples = cfg.train_num_samples or read_sizes(urls)
+    num_samples = (
+        cfg.train_num_samples or read_sizes(urls) or count_shards(urls, cfg.image_key, cfg.text_key)
+    )
     if not num_samples:
         raise ConfigError(
-            "dataset size unknown: pass --train-num-samples N or put a sizes.json next to the "
-            "shards (`clipkit data check SHARDS` writes one)"
+            f"no samples with an image ('{cfg.image_key}') and a caption ('{cfg.text_key}') "
+            "member in the shards; check --image-key/--text-key, or the shards with "
+            "`clipkit data check`"
         )
     workers = max(cfg.workers, 1)
     per_worker = batches_per_worker(num_samples, cfg.batch_size, dist.world_size, workers)
