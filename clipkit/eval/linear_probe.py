@@ -5,13 +5,13 @@ weight-decay-swept logistic regression, full or few-shot."""
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from clipkit.data.counting import cache_root
 from clipkit.data.eval_sets import ClassificationSet
 from clipkit.eval import LoaderSettings
 from clipkit.eval.embed import EmbeddedPart, check_skipped
@@ -21,11 +21,8 @@ from clipkit.eval.zero_shot import embed_labelled
 
 
 def default_cache_dir() -> Path:
-    """$CLIPKIT_CACHE, else $XDG_CACHE_HOME/clipkit, else ~/.cache/clipkit; features/ inside."""
-    if os.environ.get("CLIPKIT_CACHE"):
-        return Path(os.environ["CLIPKIT_CACHE"]) / "features"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "clipkit" / "features"
+    """features/ in clipkit's cache folder (clipkit.data.counting.cache_root)."""
+    return cache_root() / "features"
 
 
 def extract_features(
