@@ -7,6 +7,7 @@
     RUN/.lock                    held by the one process training into RUN
     RUN/checkpoints/step-N.pt    the checkpoint of step N
     RUN/checkpoints/latest.pt    a hard link to the newest step-N.pt
+    RUN/checkpoints/best.pt      the step checkpoint at the best --keep-best value so far
 
 Plain paths only (no torch): the lock, the logs, the checkpoint file format and the trainer all
 read their places from here.
@@ -18,11 +19,13 @@ from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
+BEST = "best.pt"
 STEP_PREFIX = "step-"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
+EVAL = "eval"
 LOCK = ".lock"
 
 
@@ -56,6 +59,15 @@ class RunDir:
     def latest(self) -> Path:
         return self.checkpoints / LATEST
 
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / BEST
+
+    def eval_step_dirs(self) -> list[Path]:
+        """Every eval/step-N folder, oldest step first."""
+        found = self.root.joinpath(EVAL).glob(f"{STEP_PREFIX}*")
+        return sorted((p for p in found if p.is_dir() and step_of(p) is not None), key=step_of)
+
     def step_checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{STEP_PREFIX}{step}.pt"
 
@@ -66,9 +78,10 @@ class RunDir:
 
 
 def step_of(path: Path) -> int | None:
-    """N for a file named step-N.pt; None for any other name."""
-    digits = path.stem[len(STEP_PREFIX) :]
-    if not path.stem.startswith(STEP_PREFIX) or not digits.isdigit():
+    """N for a file named step-N.pt or a folder named step-N; None for any other name."""
+    name = path.stem if path.suffix == ".pt" else path.name
+    digits = name[len(STEP_PREFIX) :]
+    if not name.startswith(STEP_PREFIX) or not digits.isdigit():
         return None
     return int(digits)
 
