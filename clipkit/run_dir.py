@@ -8,6 +8,8 @@
     RUN/checkpoints/step-N.pt    the checkpoint of step N
     RUN/checkpoints/latest.pt    a hard link to the newest step-N.pt
     RUN/checkpoints/best.pt      the step checkpoint at the best --keep-best value so far
+    RUN/eval/step-N/NAME.json    the results of evaluation NAME at step N (NAME.ema.json: the
+                                 EMA weights'), CLIP_benchmark's schema
 
 Plain paths only (no torch): the lock, the logs, the checkpoint file format and the trainer all
 read their places from here.
@@ -63,13 +65,22 @@ class RunDir:
     def best(self) -> Path:
         return self.checkpoints / BEST
 
+    def step_checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{STEP_PREFIX}{step}.pt"
+
+    def eval_step_dir(self, step: int) -> Path:
+        """Where the evaluations of step N write their results."""
+        return self.root / EVAL / f"{STEP_PREFIX}{step}"
+
+    def eval_results(self, step: int, name: str, weights: str = "online") -> Path:
+        """The results JSON of evaluation `name` at `step` (the EMA weights': NAME.ema.json)."""
+        suffix = ".json" if weights == "online" else f".{weights}.json"
+        return self.eval_step_dir(step) / f"{name}{suffix}"
+
     def eval_step_dirs(self) -> list[Path]:
         """Every eval/step-N folder, oldest step first."""
         found = self.root.joinpath(EVAL).glob(f"{STEP_PREFIX}*")
         return sorted((p for p in found if p.is_dir() and step_of(p) is not None), key=step_of)
-
-    def step_checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"{STEP_PREFIX}{step}.pt"
 
     def step_checkpoints(self) -> list[Path]:
         """Every checkpoints/step-N.pt, oldest step first (other names are not ours: skipped)."""

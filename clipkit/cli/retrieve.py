@@ -327,7 +327,7 @@ def eval_cmd(data, split, ks, output, **kwargs):
     """Image->text and text->image recall@k, exact and through FAISS indexes."""
     from clipkit.data.sources import local_paths
     from clipkit.eval.results import table
-    from clipkit.eval.retrieval import evaluate_retrieval
+    from clipkit.eval.retrieval import evaluate_retrieval, retrieval_record
 
     k_list = parse_ks(ks)
     source = pick(ModelSource, kwargs)
@@ -341,27 +341,4 @@ def eval_cmd(data, split, ks, output, **kwargs):
     rows = [(f"{name} exact", value) for name, value in out["metrics"].items()]
     rows += [(f"{name} index", out["index_metrics"][name]) for name in out["metrics"]]
     click.echo(table(rows, f"retrieval on {pairs.root} ({n_img} images, {n_txt} captions)"))
-    write_output(output, _eval_result(loaded, pairs, emb, out, k_list, settings.seed))
-
-
-def _eval_result(loaded, pairs, emb, out: dict, k_list: list, seed: int) -> dict:
-    """The results JSON of `retrieve eval` (CLIP_benchmark's shape + a clipkit block)."""
-    from clipkit.eval.results import results_dict
-
-    return results_dict(
-        dataset=pairs.name,
-        loaded=loaded,
-        task="zeroshot_retrieval",
-        metrics=out["metrics"],
-        num_samples=len(emb.keys),
-        extra={
-            "data_root": pairs.root,
-            "num_captions": len(emb.text_features),
-            "index_metrics": out["index_metrics"],
-            "indexes": out["indexes"],
-            "ks": k_list,
-            "templates": None,
-            "seed": seed,
-            "skipped_images": emb.skipped.count,
-        },
-    )
+    write_output(output, retrieval_record(loaded, pairs, emb, out, k_list, settings.seed))

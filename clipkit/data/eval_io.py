@@ -4,6 +4,7 @@ DataLoader worker reading its own share."""
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from collections.abc import Callable, Iterator
@@ -83,16 +84,74 @@ def image_member(fields: dict[str, bytes]) -> bytes | None:
 
 
 class TarShards(torch.utils.data.IterableDataset):
-    """Base of the datasets over tars: `samples()` walks this DataLoader worker's share."""
+    """Base of the datasets over tars, each DataLoader worker reading its share of the shards.
+
+    A subclass turns one sample into an item (`item`, None to leave it out). `share(rank,
+    world)` gives a copy that decodes only every world-th sample of each shard, starting at
+    `rank`, and appends to each item its place in the whole set, (shard number, sample number):
+    sorting the ranks' items by it restores the order one process reads them in."""
 
     def __init__(self, shards: list[str], transform: Callable):
         self.shards, self.transform = shards, transform
+        self.part: tuple[int, int] | None = None  # (rank, world) of a share; None: everything
 
-    def samples(self) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """(shard, key, members) of each sample of this worker's shards (round-robin share;
-        all of them outside workers)."""
+    def share(self, rank: int, world: int) -> TarShards:
+        part = copy.copy(self)
+        part.part = (rank, world)
+        return part
+
+    def item(self, shard: str, key: str, fields: dict[str, bytes]) -> tuple | None:
+        raise NotImplementedError
+
+    def __iter__(self):
+        rank, world = self.part or (0, 1)
+        for place, (shard, key, fields) in self.placed_samples():
+            if place[1] % world != rank:
+                continue
+            item = self.item(shard, key, fields)
+            if item is not None:
+                yield item if self.part is None else (*item, place)
+
+    def placed_samples(self) -> Iterator[tuple[tuple[int, int], tuple[str, str, dict]]]:
+        """((shard number, sample number), (shard, key, members)) of this worker's shards
+        (round-robin share; all of them outside workers)."""
         info = torch.utils.data.get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
-        for shard in mine:
-            for key, fields in iter_tar_samples(shard):
-                yield shard, key, fields
+        numbered = list(enumerate(self.shards))
+        mine = numbered if info is None else numbered[info.id :: info.num_workers]
+        for number, shard in mine:
+            for position, (key, fields) in enumerate(iter_tar_samples(shard)):
+                yield (number, position), (shard, key, fields)
+
+
+class IndexedShare(torch.utils.data.Dataset):
+    """Every world-th item of a map-style dataset from `rank` on, each with its index appended."""
+
+    def __init__(self, dataset, rank: int, world: int):
+        self.dataset, self.indices = dataset, range(rank, len(dataset), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        return (*self.dataset[index], index)
+
+
+def rank_share(dataset, rank: int, world: int):
+    """This rank's share of an evaluation dataset, each item tagged with its place in the whole
+    (the last element; `tagged` collates it as "order")."""
+    if isinstance(dataset, TarShards):
+        return dataset.share(rank, world)
+    return IndexedShare(dataset, rank, world)
+
+
+def tagged(collate: Callable[[list], dict]) -> Callable[[list], dict]:
+    """`collate` for items tagged by `rank_share`: the tags of the decodable items go to "order"
+    (an item is decodable when its image, the first element, is not None)."""
+
+    def collate_tagged(samples: list) -> dict:
+        batch = collate([s[:-1] for s in samples])
+        batch["order"] = [s[-1] for s in samples if s[0] is not None]
+        return batch
+
+    return collate_tagged

@@ -51,13 +51,12 @@ def split_captions(data: bytes | None) -> list[str]:
 class TarPairs(TarShards):
     """item = (image | None, captions, key, source shard)."""
 
-    def __iter__(self):
-        for shard, key, fields in self.samples():
-            image = image_member(fields)
-            if image is None:
-                continue  # not an image sample (e.g. a stray json)
-            captions = split_captions(fields.get("txt"))
-            yield open_image(image, self.transform), captions, key, shard
+    def item(self, shard: str, key: str, fields: dict[str, bytes]):
+        image = image_member(fields)
+        if image is None:
+            return None  # not an image sample (e.g. a stray json)
+        captions = split_captions(fields.get("txt"))
+        return open_image(image, self.transform), captions, key, shard
 
 
 class FolderPairs(torch.utils.data.Dataset):

@@ -80,18 +80,16 @@ class FolderImages(torch.utils.data.Dataset):
 class TarImages(TarShards):
     """Iterable dataset over CLIP_benchmark-style tars; item = (image | None, label, key)."""
 
-    def __iter__(self):
-        for shard, key, fields in self.samples():
-            if "cls" not in fields:
-                continue
-            name = f"{Path(shard).name}/{key}"
-            label = _label(fields["cls"])
-            if label is None:  # skipped and counted like an unreadable image
-                yield None, -1, f"{name} (its cls is not an integer)"
-                continue
-            image = image_member(fields)
-            decoded = open_image(image, self.transform) if image is not None else None
-            yield decoded, label, name
+    def item(self, shard: str, key: str, fields: dict[str, bytes]):
+        if "cls" not in fields:
+            return None
+        name = f"{Path(shard).name}/{key}"
+        label = _label(fields["cls"])
+        if label is None:  # skipped and counted like an unreadable image
+            return None, -1, f"{name} (its cls is not an integer)"
+        image = image_member(fields)
+        decoded = open_image(image, self.transform) if image is not None else None
+        return decoded, label, name
 
 
 def _label(cls: bytes) -> int | None:

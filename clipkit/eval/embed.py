@@ -66,10 +66,75 @@ def encode_texts(
     return torch.cat(out)
 
 
-def progress(loader: Iterable, total_samples: int | None, batch_size: int, desc: str):
-    """tqdm over batches (total known when the dataset size is)."""
+@dataclass
+class EmbeddedPart:
+    """What one process embedded of an evaluation set, row by row in the order it read them.
+
+    `rows` holds the per-image values the caller asked for (e.g. "label"; "key", "captions",
+    "source"), plus "order" when the dataset tags its items with their place in the whole set
+    (a rank's share, `clipkit.eval.sharded`). With captions embedded too, `text_features` holds
+    every row's captions in turn."""
+
+    image_features: torch.Tensor  # (n, D)
+    rows: dict[str, list]
+    skipped: SkipCounter
+    text_features: torch.Tensor | None = None  # (m, D), m = total captions of the n rows
+
+    def __len__(self) -> int:
+        return len(self.image_features)
+
+
+def _values(batch_value) -> list:
+    return batch_value.tolist() if isinstance(batch_value, torch.Tensor) else list(batch_value)
+
+
+def embed_loader(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    fields: Sequence[str],
+    bar: Callable[[Iterable], Iterable],
+    tokenizer: Callable | None = None,
+) -> EmbeddedPart:
+    """Encode every decodable image of `loader` (and, given a `tokenizer`, every caption of a
+    batch's "captions"), keeping the batch values named in `fields`; undecodable images are
+    counted in `skipped` (the caller checks the counts: `check_skipped`)."""
+    images, texts, skipped = [], [], SkipCounter()
+    rows: dict[str, list] = {name: [] for name in fields}
+    for batch in bar(loader):
+        skipped.add(batch["bad"])
+        if batch["image"] is None:
+            continue
+        images.append(encode_images(model, batch["image"], device))
+        for name in fields:
+            rows[name] += _values(batch[name])
+        if tokenizer is not None:
+            flat = [c for caps in batch["captions"] for c in caps]
+            if flat:
+                texts.append(encode_texts(model, tokenizer, flat, device))
+    return EmbeddedPart(
+        torch.cat(images) if images else torch.zeros(0, 0),
+        rows,
+        skipped,
+        (torch.cat(texts) if texts else torch.zeros(0, 0)) if tokenizer is not None else None,
+    )
+
+
+def progress(
+    loader: Iterable, total_samples: int | None, batch_size: int, desc: str, show: bool = True
+):
+    """tqdm over batches (total known when the dataset size is); `show=False` hides it."""
     total = None if total_samples is None else -(-total_samples // batch_size)
-    return tqdm(loader, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    return tqdm(
+        loader,
+        total=total,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not show,
+    )
 
 
 def check_skipped(

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipkit.data.eval_sets import ClassificationSet, collate_labelled
+from clipkit.data.eval_sets import ClassificationSet
 from clipkit.eval import LoaderSettings
-from clipkit.eval.embed import SkipCounter, check_skipped, encode_images, make_loader, progress
+from clipkit.eval.embed import EmbeddedPart, check_skipped
 from clipkit.eval.probe import cached_features, few_shot_probe, train_linear_probe
 from clipkit.eval.results import probe_record
+from clipkit.eval.zero_shot import embed_labelled
 
 
 def default_cache_dir() -> Path:
@@ -31,17 +32,24 @@ def extract_features(
     loaded, data: ClassificationSet, device, reading: LoaderSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) unit-norm image features and (N,) labels of one split."""
-    loader = make_loader(data.dataset, reading.batch_size, reading.workers, collate_labelled)
-    feats, labels, skipped = [], [], SkipCounter()
-    desc = f"features {data.split}"
-    for batch in progress(loader, data.num_samples, reading.batch_size, desc):
-        skipped.add(batch["bad"])
-        if batch["image"] is not None:
-            feats.append(encode_images(loaded.model, batch["image"], device))
-            labels.append(batch["label"])
+    part = embed_labelled(
+        loaded.model,
+        data.dataset,
+        device,
+        reading,
+        total=data.num_samples,
+        desc=f"features {data.split}",
+    )
+    return labelled_arrays(part, data, reading)
+
+
+def labelled_arrays(
+    part: EmbeddedPart, data: ClassificationSet, reading: LoaderSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """A split's embedded part as (features, labels) arrays, once its skipped images pass."""
     where = f"{data.root} ({data.split})"
-    check_skipped(skipped, sum(len(y) for y in labels), reading.max_bad_fraction, where)
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    check_skipped(part.skipped, len(part), reading.max_bad_fraction, where)
+    return part.image_features.numpy(), np.asarray(part.rows["label"], dtype=np.int64)
 
 
 def split_features(
@@ -78,43 +86,65 @@ def _few_threads(device: str, size: int):
         torch.set_num_threads(before)
 
 
-def _fit(train_x, train_y, test_x, test_y, shots, seeds, seed, val_fraction, probe_device):
+def _fit(train_xy, test_xy, shots, seeds, seed, val_fraction, probe_device, fit_settings):
+    """(metrics, details) of a full or few-shot probe; `fit_settings` go to every fit."""
+    common = {"val_fraction": val_fraction, "device": probe_device, **fit_settings}
     if shots:
         seed_list = list(range(seed, seed + seeds))
-        fit = few_shot_probe(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            shots=shots,
-            seeds=seed_list,
-            val_fraction=val_fraction,
-            device=probe_device,
-        )
-        metrics = {k: v for k, v in fit.items() if k.startswith("lp_")}
+        fit = few_shot_probe(*train_xy, *test_xy, shots=shots, seeds=seed_list, **common)
         details = {
             "fewshot_k": shots,
             "seeds": seed_list,
             "weight_decays": [r["best_weight_decay"] for r in fit["per_seed"]],
         }
     else:
-        fit = train_linear_probe(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            seed=seed,
-            val_fraction=val_fraction,
-            device=probe_device,
-        )
-        metrics = {k: v for k, v in fit.items() if k.startswith("lp_")}
+        fit = train_linear_probe(*train_xy, *test_xy, seed=seed, **common)
         details = {
             "weight_decay": fit["best_weight_decay"],
             "val_acc1": fit["val_acc1"],
             "sweep": fit["sweep"],
             "seeds": [seed],
         }
+    metrics = {k: v for k, v in fit.items() if k.startswith("lp_")}
     return metrics, details
+
+
+def probe_from_features(
+    loaded,
+    train: ClassificationSet,
+    test: ClassificationSet,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    test_xy: tuple[np.ndarray, np.ndarray],
+    *,
+    device: torch.device,
+    shots: int | None = None,
+    seeds: int = 3,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    fit_settings: dict[str, Any] | None = None,
+    **record_extra: Any,
+) -> dict[str, Any]:
+    """Fit and score the probe on the two splits' (features, labels); the results record.
+    `fit_settings` (wd_grid, max_iter, refine_steps) override `train_linear_probe`'s defaults
+    and are recorded as `probe_fit`."""
+    probe_device = "cuda" if device.type == "cuda" else "cpu"
+    with _few_threads(probe_device, train_xy[0].size):
+        metrics, details = _fit(
+            train_xy, test_xy, shots, seeds, seed, val_fraction, probe_device, fit_settings or {}
+        )
+    if fit_settings:
+        details["probe_fit"] = dict(fit_settings)
+    return probe_record(
+        loaded,
+        train,
+        test,
+        metrics=metrics,
+        counts=(len(train_xy[1]), len(test_xy[1])),
+        seed=seed,
+        val_fraction=val_fraction,
+        **record_extra,
+        **details,
+    )
 
 
 def run_probe(
@@ -131,21 +161,18 @@ def run_probe(
     val_fraction: float = 0.2,
 ) -> dict[str, Any]:
     """Linear-probe metrics (`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`) as a record."""
-    train_x, train_y = split_features(loaded, train, cache_dir, device, reading)
-    test_x, test_y = split_features(loaded, test, cache_dir, device, reading)
-    probe_device = "cuda" if device.type == "cuda" else "cpu"
-    with _few_threads(probe_device, train_x.size):
-        metrics, details = _fit(
-            train_x, train_y, test_x, test_y, shots, seeds, seed, val_fraction, probe_device
-        )
-    return probe_record(
+    train_xy = split_features(loaded, train, cache_dir, device, reading)
+    test_xy = split_features(loaded, test, cache_dir, device, reading)
+    return probe_from_features(
         loaded,
         train,
         test,
-        metrics=metrics,
-        counts=(len(train_y), len(test_y)),
+        train_xy,
+        test_xy,
+        device=device,
+        shots=shots,
+        seeds=seeds,
         seed=seed,
         val_fraction=val_fraction,
         cache_dir=str(cache_dir) if cache_dir else None,
-        **details,
     )

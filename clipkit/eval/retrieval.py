@@ -24,19 +24,21 @@ import numpy as np
 import torch
 
 from clipkit.config import ConfigError
+from clipkit.data.eval_io import tagged
 from clipkit.data.eval_pairs import PairedSet, collate_pairs
 from clipkit.data.sources import local_paths
 from clipkit.eval import LoaderSettings
 from clipkit.eval.embed import (
+    EmbeddedPart,
     SkipCounter,
     check_skipped,
-    encode_images,
-    encode_texts,
+    embed_loader,
     make_loader,
     progress,
 )
 from clipkit.eval.loading import model_inputs
 from clipkit.eval.metrics import retrieval_recall, retrieval_recall_from_index
+from clipkit.eval.results import results_dict
 from clipkit.fileio import guard_output_dir, output_dir
 
 log = logging.getLogger(__name__)
@@ -61,34 +63,79 @@ def embed_pairs(
     reading: LoaderSettings = LoaderSettings(),
 ) -> PairEmbeddings:
     """Embed every image and every caption of `data` (several captions per image allowed)."""
-    images, texts, t2i = [], [], []
-    keys, captions, sources, skipped = [], [], [], SkipCounter()
-    loader = make_loader(data.dataset, reading.batch_size, reading.workers, collate_pairs)
-    for batch in progress(loader, data.num_samples, reading.batch_size, "embedding"):
-        skipped.add(batch["bad"])
-        if batch["image"] is None:
-            continue
-        base = len(keys)
-        images.append(encode_images(loaded.model, batch["image"], device))
-        flat = [c for caps in batch["captions"] for c in caps]
-        t2i += [base + i for i, caps in enumerate(batch["captions"]) for _ in caps]
-        if flat:
-            texts.append(encode_texts(loaded.model, loaded.tokenizer, flat, device))
-        keys += batch["key"]
-        captions += batch["captions"]
-        sources += batch["source"]
-    check_skipped(skipped, len(keys), reading.max_bad_fraction, data.root)
+    part = embed_pair_part(loaded, data.dataset, device, reading, total=data.num_samples)
+    return pair_embeddings(part, data.root, reading.max_bad_fraction)
+
+
+def embed_pair_part(
+    loaded,
+    dataset,
+    device: torch.device,
+    reading: LoaderSettings,
+    *,
+    total: int | None,
+    order: bool = False,
+    show: bool = True,
+) -> EmbeddedPart:
+    """Images and captions of a captioned dataset (with `order`: a rank's tagged share)."""
+    collate = tagged(collate_pairs) if order else collate_pairs
+    loader = make_loader(dataset, reading.batch_size, reading.workers, collate)
+    fields = ("key", "captions", "source") + (("order",) if order else ())
+    return embed_loader(
+        loaded.model,
+        loader,
+        device,
+        fields=fields,
+        bar=lambda batches: progress(batches, total, reading.batch_size, "embedding", show),
+        tokenizer=loaded.tokenizer,
+    )
+
+
+def pair_embeddings(part: EmbeddedPart, root: str, max_bad_fraction: float) -> PairEmbeddings:
+    """Every image and caption embedded (`part`, in the set's order) as PairEmbeddings."""
+    keys, captions = part.rows["key"], part.rows["captions"]
+    check_skipped(part.skipped, len(keys), max_bad_fraction, root)
     if not keys:
-        raise ConfigError(f"{data.root}: no images found")
-    dim = images[0].shape[1]
+        raise ConfigError(f"{root}: no images found")
+    t2i = [row for row, caps in enumerate(captions) for _ in caps]
+    texts = part.text_features
     return PairEmbeddings(
-        torch.cat(images),
-        torch.cat(texts) if texts else torch.zeros(0, dim),
+        part.image_features,
+        texts if len(texts) else torch.zeros(0, part.image_features.shape[1]),
         torch.tensor(t2i, dtype=torch.long),
         keys,
         captions,
-        sources,
-        skipped,
+        part.rows["source"],
+        part.skipped,
+    )
+
+
+def exact_recall(emb: PairEmbeddings, ks: list[int]) -> dict[str, float]:
+    """Image->text and text->image recall@k over every pair (no index)."""
+    if len(emb.text_features) == 0:
+        raise ConfigError("no captions found: retrieval needs a txt member / .txt file per image")
+    return retrieval_recall(emb.image_features, emb.text_features, emb.text_to_image, ks)
+
+
+def retrieval_record(loaded, pairs: PairedSet, emb: PairEmbeddings, out: dict, ks: list, seed):
+    """The results JSON of `retrieve eval` (CLIP_benchmark's shape + a clipkit block); `out`
+    holds "metrics" (exact) and, when indexes were built, "index_metrics" and "indexes"."""
+    return results_dict(
+        dataset=pairs.name,
+        loaded=loaded,
+        task="zeroshot_retrieval",
+        metrics=out["metrics"],
+        num_samples=len(emb.keys),
+        extra={
+            "data_root": pairs.root,
+            "num_captions": len(emb.text_features),
+            "index_metrics": out.get("index_metrics"),
+            "indexes": out.get("indexes"),
+            "ks": ks,
+            "templates": None,
+            "seed": seed,
+            "skipped_images": emb.skipped.count,
+        },
     )
 
 
@@ -138,9 +185,7 @@ def evaluate_retrieval(
     the images (text->image) and the captions (image->text)."""
     from clipkit import index as faiss_index
 
-    if len(emb.text_features) == 0:
-        raise ConfigError("no captions found: retrieval needs a txt member / .txt file per image")
-    exact = retrieval_recall(emb.image_features, emb.text_features, emb.text_to_image, ks)
+    exact = exact_recall(emb, ks)
     images, texts = emb.image_features.numpy(), emb.text_features.numpy()
     image_index, image_report = _build(images, index_type, max_memory, target_recall, texts, seed)
     text_index, text_report = _build(texts, index_type, max_memory, target_recall, images, seed)

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from clipkit.data.eval_io import tagged
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
 from clipkit.eval import LoaderSettings
-from clipkit.eval.embed import SkipCounter, check_skipped, encode_images, make_loader, progress
+from clipkit.eval.embed import EmbeddedPart, check_skipped, embed_loader, make_loader, progress
 from clipkit.eval.metrics import classification_metrics
 from clipkit.eval.results import results_dict
 
@@ -27,32 +28,76 @@ def zero_shot_classifier(
     classnames: Sequence[str],
     templates: Sequence[str],
     device: torch.device,
+    show: bool = True,
 ) -> torch.Tensor:
     """(D, C) class embeddings: mean over templates of unit text features, renormalised."""
     columns = []
-    for name in tqdm(classnames, desc="classes", unit="class", leave=False, dynamic_ncols=True):
+    bar = tqdm(
+        classnames, desc="classes", unit="class", leave=False, dynamic_ncols=True, disable=not show
+    )
+    for name in bar:
         tokens = tokenizer([t.format(c=name) for t in templates]).to(device)  # (T, L)
         features = F.normalize(model.encode_text(tokens).float(), dim=-1)  # (T, D)
         columns.append(F.normalize(features.mean(dim=0), dim=-1))
     return torch.stack(columns, dim=1).cpu()  # (D, C)
 
 
-@torch.no_grad()
-def image_logits(
-    model, classifier, loader, device, total, batch_size, max_bad_fraction, where="the data"
-):
-    """(N, C) logits (100 x cosine, as CLIP_benchmark) and (N,) targets over the whole loader."""
-    logits, targets, skipped = [], [], SkipCounter()
-    for batch in progress(loader, total, batch_size, "images"):
-        skipped.add(batch["bad"])
-        if batch["image"] is None:
-            continue
-        features = encode_images(model, batch["image"], device)  # (B, D)
-        logits.append(100.0 * features @ classifier)
-        targets.append(batch["label"])
-    n = sum(len(t) for t in targets)
-    check_skipped(skipped, n, max_bad_fraction, where)
-    return torch.cat(logits), torch.cat(targets), skipped
+def embed_labelled(
+    model: nn.Module,
+    dataset,
+    device: torch.device,
+    reading: LoaderSettings,
+    *,
+    total: int | None,
+    desc: str = "images",
+    order: bool = False,
+    show: bool = True,
+) -> EmbeddedPart:
+    """Unit image features and "label" rows of a labelled dataset (zero-shot and probes); with
+    `order`, the dataset is a rank's share whose items carry their place ("order" rows)."""
+    collate = collate_labelled if not order else tagged(collate_labelled)
+    loader = make_loader(dataset, reading.batch_size, reading.workers, collate)
+    fields = ("label", "order") if order else ("label",)
+    return embed_loader(
+        model,
+        loader,
+        device,
+        fields=fields,
+        bar=lambda batches: progress(batches, total, reading.batch_size, desc, show),
+    )
+
+
+def zero_shot_record(
+    loaded, data: ClassificationSet, classifier: torch.Tensor, part: EmbeddedPart, reading
+) -> dict[str, Any]:
+    """The results record from the class embeddings (D, C) and every image's features."""
+    from clipkit.config import ConfigError
+
+    targets = torch.tensor(part.rows["label"], dtype=torch.long)
+    where = f"{data.root} ({data.split})"
+    check_skipped(part.skipped, len(targets), reading.max_bad_fraction, where)
+    if int(targets.max()) >= len(data.classnames) or int(targets.min()) < 0:
+        raise ConfigError(
+            f"{data.root}: labels go up to {int(targets.max())} but there are "
+            f"{len(data.classnames)} class names"
+        )
+    logits = 100.0 * part.image_features @ classifier  # (N, C), 100 x cosine as CLIP_benchmark
+    return results_dict(
+        dataset=data.name,
+        loaded=loaded,
+        task="zeroshot_classification",
+        metrics=classification_metrics(logits, targets),
+        num_samples=len(targets),
+        extra={
+            "data_root": data.root,
+            "split": data.split,
+            "num_classes": len(data.classnames),
+            "classnames": list(data.classnames),
+            "templates": list(data.templates),
+            "skipped_images": part.skipped.count,
+            "seed": None,
+        },
+    )
 
 
 def run_zero_shot(
@@ -63,42 +108,9 @@ def run_zero_shot(
     reading: LoaderSettings = LoaderSettings(),
 ) -> dict[str, Any]:
     """Zero-shot metrics of `loaded` (a LoadedModel) on `data`, as a results record."""
-    from clipkit.config import ConfigError
-
     # (D, C) on the CPU, where encode_images returns the image features.
     classifier = zero_shot_classifier(
         loaded.model, loaded.tokenizer, data.classnames, data.templates, device
     )
-    loader = make_loader(data.dataset, reading.batch_size, reading.workers, collate_labelled)
-    logits, targets, skipped = image_logits(
-        loaded.model,
-        classifier,
-        loader,
-        device,
-        data.num_samples,
-        reading.batch_size,
-        reading.max_bad_fraction,
-        where=f"{data.root} ({data.split})",
-    )
-    if int(targets.max()) >= len(data.classnames) or int(targets.min()) < 0:
-        raise ConfigError(
-            f"{data.root}: labels go up to {int(targets.max())} but there are "
-            f"{len(data.classnames)} class names"
-        )
-    metrics = classification_metrics(logits.cpu(), targets)
-    return results_dict(
-        dataset=data.name,
-        loaded=loaded,
-        task="zeroshot_classification",
-        metrics=metrics,
-        num_samples=len(targets),
-        extra={
-            "data_root": data.root,
-            "split": data.split,
-            "num_classes": len(data.classnames),
-            "classnames": list(data.classnames),
-            "templates": list(data.templates),
-            "skipped_images": skipped.count,
-            "seed": None,
-        },
-    )
+    part = embed_labelled(loaded.model, data.dataset, device, reading, total=data.num_samples)
+    return zero_shot_record(loaded, data, classifier, part, reading)
