@@ -31,6 +31,7 @@ from clipkit.methods.teacher import Teacher, teacher_for
 from clipkit.models import factory
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import check_accum_mode
+from clipkit.train.evaluation import RunEvaluation, check_eval_config
 from clipkit.train.logging import log
 from clipkit.train.optim import build_optimizer
 from clipkit.train.rng import set_rng_state
@@ -141,6 +142,7 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     check_name(cfg.method.name)  # the config layer cannot see the registry; before any write
     check_accum_mode(method_class(cfg.method.name), cfg.optim.accum_steps, cfg.optim.accum_mode)
     method_class(cfg.method.name).check_objectives(cfg.method.loss, bool(cfg.method.distill_from))
+    check_eval_config(cfg, method_class(cfg.method.name).has_ema)
     fit_model_to_loss(cfg)
     dist = distributed.env_info()
     student_arch = cfg.model.arch or factory.resolve_arch(cfg.model)
@@ -170,6 +172,7 @@ def _train(
     device = pick_device(cfg.run.device, dist)
     set_threads(cfg, dist)
     saved, method = _build_method(cfg, run_dir if resume else None, device)
+    check_eval_config(cfg, method.has_ema)  # EMA weights: known per instance (A-CLIP's teacher)
     preprocess = factory.preprocess(cfg.model.arch)
     method.set_objectives(cfg.method.loss, teacher, cfg.method.distill_weight, preprocess)
     tokenizer = build_tokenizer(preprocess)
@@ -199,8 +202,15 @@ def _train(
                 info.num_samples,
                 info.batches_per_epoch,
             )
+        steps = total_steps(cfg, dist)
+        evaluation = None
+        if RunEvaluation.wanted(cfg):
+            best = saved.checkpoint.state.get("best") if saved is not None else None
+            evaluation = RunEvaluation(
+                cfg, steps, preprocess, tokenizer, device, dist, run_dir, saved_best=best
+            )
         trainer = Trainer(
-            cfg, method, optimizer, loader, total_steps(cfg, dist), dist, device, run_dir, state
+            cfg, method, optimizer, loader, steps, dist, device, run_dir, state, evaluation
         )
         if saved is not None:
             restore_grad_scaler(saved.checkpoint, trainer.scaler)
@@ -274,5 +284,6 @@ def _restore(
         samples_seen=saved["samples_seen"],
         position=position,
         train_seconds=saved.get("train_seconds", 0.0),
+        eval_seconds=saved.get("eval_seconds", 0.0),  # absent before in-training evaluation
         scaler_skipped_steps=saved.get("scaler_skipped_steps", 0),  # absent before fp16 scaling
     )
