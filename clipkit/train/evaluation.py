@@ -96,7 +96,7 @@ class RunEvaluation:
                 e.val_data, cfg.data.batch_size, reading, transform, tokenizer, device, dist
             )
         self.best = BestTracker.from_option(e.keep_best, saved_best) if e.keep_best else None
-        self.layout, self.dist = RunDir(run_dir), dist
+        self.dist = dist
 
     @classmethod
     def wanted(cls, cfg: Config) -> bool:
@@ -106,10 +106,11 @@ class RunEvaluation:
         """At every `--eval-every` steps, and always at the run's last step."""
         return step == self.total_steps or bool(self.every and step % self.every == 0)
 
-    def run(self, method, step: int, samples_seen: int, progress=None) -> list[dict]:
-        """Every evaluation of this step (all ranks call it), as run-log records; a failed one
-        is a record with its error, and training goes on. The progress bar (main rank) says
-        what is being evaluated."""
+    def run(self, method, state, progress=None) -> list[dict]:
+        """Every evaluation at the `state.step` of a `TrainState` (all ranks call it), as
+        run-log records; a failed one is a record with its error, and training goes on. The
+        progress bar (main rank) says what is being evaluated."""
+        step, samples_seen = state.step, state.samples_seen
 
         def describe(text: str) -> None:
             if progress is not None:
@@ -148,9 +149,10 @@ class RunEvaluation:
         """What every step checkpoint stores of the evaluations: the tracker's state."""
         return {"best": self.best.state()} if self.best is not None else {}
 
-    def truncate_after(self, step: int) -> None:
-        """On resume (main rank): eval/step-N folders past the resumed step belong to steps the
-        run trains again; the run log's records of them are already dropped."""
-        for folder in self.layout.eval_step_dirs():
-            if step_of(folder) > step:
-                shutil.rmtree(folder, ignore_errors=True)
+
+def remove_evaluations_after(run_dir: Path, step: int) -> None:
+    """On resume (main rank): eval/step-N folders past the resumed step belong to steps the run
+    trains again (the run log's records of them are dropped likewise)."""
+    for folder in RunDir(run_dir).eval_step_dirs():
+        if step_of(folder) > step:
+            shutil.rmtree(folder, ignore_errors=True)

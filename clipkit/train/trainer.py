@@ -28,7 +28,7 @@ from clipkit.distributed import DistInfo, all_reduce_mean
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import MicroSteps, exact_step, independent_step
 from clipkit.train.bad_data import bad_counts, too_many_bad
-from clipkit.train.evaluation import RunEvaluation
+from clipkit.train.evaluation import RunEvaluation, remove_evaluations_after
 from clipkit.train.logging import RunLog, log, plot_curves
 from clipkit.train.optim import lr_at, set_lr
 from clipkit.train.precision import autocast, resolve_precision, scaled_step, scaler_record
@@ -83,8 +83,8 @@ class Trainer:
             self.engine = torch.compile(self.engine)
         self.runlog = RunLog(run_dir, dist.is_main)
         self.runlog.truncate_after(state.step)
-        if evaluation is not None and dist.is_main:
-            evaluation.truncate_after(state.step)
+        if dist.is_main:
+            remove_evaluations_after(run_dir, state.step)
         self.stop_requested: str | None = None
         self.saved_step: int | None = state.step or None  # step of the newest checkpoint on disk
         self.waiting_for_data = False
@@ -312,8 +312,7 @@ class Trainer:
     def _evaluate(self, progress) -> float:
         """Run the step's evaluations (every rank), log them, keep best.pt; their seconds."""
         t0 = time.perf_counter()
-        step, samples = self.state.step, self.state.samples_seen
-        records = self.evaluation.run(self.method, step, samples, progress)
+        records = self.evaluation.run(self.method, self.state, progress)
         for record in records:
             self.runlog.write(record)
         if self.evaluation.improved(records, self.state.step):
