@@ -51,3 +51,19 @@ def tiny_checkpoint(demo_root, tmp_path_factory):
     )
     pretrain(cfg)
     return run
+
+
+@pytest.fixture(scope="session")
+def folder_set(demo_root, tmp_path_factory):
+    """The demo shape task as ImageFolder trees (train/ and test/), from its wds shards."""
+    from clipkit.data.eval_io import iter_tar_samples
+
+    root = tmp_path_factory.mktemp("folder")
+    classes = (demo_root / "zeroshot/shape/classnames.txt").read_text().split()
+    for split in ("train", "test"):
+        for shard in sorted((demo_root / "zeroshot/shape" / split).glob("*.tar")):
+            for key, fields in iter_tar_samples(str(shard)):
+                folder = root / split / classes[int(fields["cls"])]
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{key}.png").write_bytes(fields["png"])
+    return root

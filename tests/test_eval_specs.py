@@ -126,3 +126,13 @@ def test_specs_import_no_torch_and_name_the_eval_datasets():
     from clipkit.eval.specs import DATASETS as SPEC_DATASETS
 
     assert SPEC_DATASETS == DATASETS
+
+
+def test_specs_pickle_and_convert_to_plain_data(data):
+    """Specs travel to spawned ranks and into saved configs."""
+    import dataclasses
+    import pickle
+
+    spec = parse_spec(f"r=retrieval:{data}/wds_cifar10,ks=1-5")
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert dataclasses.asdict(spec)["options"] == {"split": "test", "ks": "1-5"}

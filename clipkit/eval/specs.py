@@ -34,7 +34,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from clipkit.config_types import ConfigError
@@ -76,7 +75,7 @@ class EvalSpec:
     task: str  # zero-shot | probe | retrieval
     dataset: str | None  # imagenet | folder | wds | demo; None for retrieval
     path: str
-    options: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    options: dict[str, Any] = field(default_factory=dict)
     text: str = ""  # the spec as given
 
     def metric_names(self) -> list[str]:
@@ -145,7 +144,7 @@ def parse_spec(text: str) -> EvalSpec:
     name = name or default_name(task, dataset, path, options)
     if not _NAME.fullmatch(name):
         raise _error(text, f"the name '{name}' may hold only letters, digits, '_', '.', '-'")
-    return EvalSpec(name, task, dataset, path, MappingProxyType(options), text)
+    return EvalSpec(name, task, dataset, path, options, text)
 
 
 def default_name(task: str, dataset: str | None, path: str, options: dict) -> str:
