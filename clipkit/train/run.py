@@ -31,7 +31,7 @@ from clipkit.methods.teacher import Teacher, teacher_for
 from clipkit.models import factory
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import check_accum_mode
-from clipkit.train.evaluation import RunEvaluation, check_eval_config
+from clipkit.train.evaluation import RunEvaluation, check_eval_config, remove_evaluations_after
 from clipkit.train.logging import log
 from clipkit.train.optim import build_optimizer
 from clipkit.train.rng import set_rng_state
@@ -184,6 +184,8 @@ def _train(
         if saved is not None:
             check_same_teacher(saved, teacher)
             state = _restore(saved, optimizer, dist, cfg.data.workers, device)
+            if dist.is_main:  # results of steps past the checkpoint: those steps train again
+                remove_evaluations_after(run_dir, state.step)
         loader, info = build_loader(
             cfg.data,
             preprocess,

@@ -28,7 +28,7 @@ from clipkit.distributed import DistInfo, all_reduce_mean
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import MicroSteps, exact_step, independent_step
 from clipkit.train.bad_data import bad_counts, too_many_bad
-from clipkit.train.evaluation import RunEvaluation, remove_evaluations_after
+from clipkit.train.evaluation import RunEvaluation
 from clipkit.train.logging import RunLog, log, plot_curves
 from clipkit.train.optim import lr_at, set_lr
 from clipkit.train.precision import autocast, resolve_precision, scaled_step, scaler_record
@@ -73,8 +73,7 @@ class Trainer:
         state: TrainState,
         evaluation: RunEvaluation | None = None,
     ):
-        self.cfg, self.method, self.optimizer = cfg, method, optimizer
-        self.evaluation = evaluation
+        self.cfg, self.method, self.optimizer, self.evaluation = cfg, method, optimizer, evaluation
         self.loader, self.total_steps, self.dist = loader, total_steps, dist
         self.device, self.run_dir, self.state = device, run_dir, state
         self.layout = RunDir(run_dir)
@@ -83,8 +82,6 @@ class Trainer:
             self.engine = torch.compile(self.engine)
         self.runlog = RunLog(run_dir, dist.is_main)
         self.runlog.truncate_after(state.step)
-        if dist.is_main:
-            remove_evaluations_after(run_dir, state.step)
         self.stop_requested: str | None = None
         self.saved_step: int | None = state.step or None  # step of the newest checkpoint on disk
         self.waiting_for_data = False
