@@ -113,9 +113,11 @@ def test_best_tracker_directions_and_resume_state():
     assert not tracker.update([{"eval": "val", "error": "damaged"}], 5)
     assert not tracker.update([{"val/loss": float("nan")}], 6)
     assert tracker.update([{"val/loss": 1.5}], 8) and (tracker.value, tracker.step) == (1.5, 8)
-    again = BestTracker.from_option("val/loss", tracker.state())
+    again = BestTracker.from_option("val/loss")
+    again.resume(tracker.state())
     assert (again.value, again.step) == (1.5, 8)
-    other = BestTracker.from_option("val/loss:max", tracker.state())  # another choice: afresh
+    other = BestTracker.from_option("val/loss:max")
+    other.resume(tracker.state())  # another choice of direction: afresh
     assert (other.value, other.step) == (None, None)
 
 

@@ -32,13 +32,15 @@ class BestTracker:
     step: int | None = None  # the step that reached it
 
     @classmethod
-    def from_option(cls, text: str, saved: dict | None = None) -> BestTracker:
-        """The tracker of `--keep-best TEXT`, continuing a checkpoint's `saved` state when it
-        tracked the same metric the same way (a new metric starts afresh)."""
-        tracker = cls(*parse_keep_best(text))
-        if saved and (saved["metric"], saved["direction"]) == (tracker.metric, tracker.direction):
-            tracker.value, tracker.step = saved["value"], saved["step"]
-        return tracker
+    def from_option(cls, text: str) -> BestTracker:
+        """The tracker of `--keep-best TEXT`, nothing seen yet."""
+        return cls(*parse_keep_best(text))
+
+    def resume(self, saved: dict | None) -> None:
+        """Continue a checkpoint's `saved` state when it tracked the same metric the same way
+        (a run resumed with another --keep-best starts afresh)."""
+        if saved and (saved["metric"], saved["direction"]) == (self.metric, self.direction):
+            self.value, self.step = saved["value"], saved["step"]
 
     def update(self, records: list[dict], step: int) -> bool:
         """Take the metric from one evaluation's records; True when it beats the best so far

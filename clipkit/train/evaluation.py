@@ -18,11 +18,14 @@ import torch
 from torch import nn
 
 from clipkit.config import Config, ConfigError
+from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.transforms import eval_transform
+from clipkit.devices import pick_device
 from clipkit.distributed import DistInfo
 from clipkit.eval import LoaderSettings
 from clipkit.eval.in_training import InTrainingEval
 from clipkit.eval.specs import metric_keys, parse_specs
+from clipkit.models import factory
 from clipkit.run_dir import RunDir, step_of
 from clipkit.train.best import BestTracker, parse_keep_best
 from clipkit.train.logging import log
@@ -52,6 +55,20 @@ def check_eval_config(cfg: Config, method_has_ema: bool) -> None:
         )
 
 
+def build_evaluation(
+    cfg: Config, arch: dict, method_has_ema: bool, total_steps: int, dist: DistInfo
+) -> RunEvaluation | None:
+    """The run's evaluations with their data opened (file lists, class names), on the device the
+    run trains on; None when the run evaluates nothing. ConfigError for any bad option or data."""
+    check_eval_config(cfg, method_has_ema)
+    if not cfg.eval.specs and cfg.eval.val_data is None:
+        return None
+    preprocess = factory.preprocess(arch)
+    device = pick_device(cfg.run.device, dist)
+    tokenizer = build_tokenizer(preprocess)
+    return RunEvaluation(cfg, total_steps, preprocess, tokenizer, device, dist, cfg.run.out)
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Every submodule in eval mode, then each back in the mode it was in (a frozen teacher
@@ -76,8 +93,7 @@ class RunEvaluation:
         tokenizer,
         device: torch.device,
         dist: DistInfo,
-        run_dir: Path,
-        saved_best: dict | None = None,
+        run_dir: str | Path,
     ):
         e = cfg.eval
         reading = LoaderSettings(e.batch_size, e.workers, cfg.data.max_bad_fraction)
@@ -95,12 +111,13 @@ class RunEvaluation:
             self.validation = Validation(
                 e.val_data, cfg.data.batch_size, reading, transform, tokenizer, device, dist
             )
-        self.best = BestTracker.from_option(e.keep_best, saved_best) if e.keep_best else None
+        self.best = BestTracker.from_option(e.keep_best) if e.keep_best else None
         self.dist = dist
 
-    @classmethod
-    def wanted(cls, cfg: Config) -> bool:
-        return bool(cfg.eval.specs) or cfg.eval.val_data is not None
+    def restore(self, saved: dict) -> None:
+        """A resumed run continues the best so far of the checkpoint it resumes (`saved`)."""
+        if self.best is not None:
+            self.best.resume(saved.get("best"))
 
     def due(self, step: int) -> bool:
         """At every `--eval-every` steps, and always at the run's last step."""

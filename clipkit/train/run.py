@@ -31,7 +31,12 @@ from clipkit.methods.teacher import Teacher, teacher_for
 from clipkit.models import factory
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import check_accum_mode
-from clipkit.train.evaluation import RunEvaluation, check_eval_config, remove_evaluations_after
+from clipkit.train.evaluation import (
+    RunEvaluation,
+    build_evaluation,
+    check_eval_config,
+    remove_evaluations_after,
+)
 from clipkit.train.logging import log
 from clipkit.train.optim import build_optimizer
 from clipkit.train.rng import set_rng_state
@@ -142,16 +147,19 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     check_name(cfg.method.name)  # the config layer cannot see the registry; before any write
     check_accum_mode(method_class(cfg.method.name), cfg.optim.accum_steps, cfg.optim.accum_mode)
     method_class(cfg.method.name).check_objectives(cfg.method.loss, bool(cfg.method.distill_from))
-    check_eval_config(cfg, method_class(cfg.method.name).has_ema)
     fit_model_to_loss(cfg)
     dist = distributed.env_info()
     student_arch = cfg.model.arch or factory.resolve_arch(cfg.model)
     teacher = teacher_for(cfg.method.distill_from, student_arch, pick_device(cfg.run.device, dist))
+    # Opens every evaluation's data: a bad spec or layout is refused before anything is written.
+    evaluation = build_evaluation(
+        cfg, student_arch, method_class(cfg.method.name).has_ema, total_steps(cfg, dist), dist
+    )
     # Only the main rank writes into the run directory, so only it takes the lock; it does so
     # before anything is written, which also proves the directory writable before any work.
     with RunLock(cfg.run.out) if dist.is_main else nullcontext():
         run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.run.out)
-        return _train(cfg, resume, run_dir, dist, teacher)
+        return _train(cfg, resume, run_dir, dist, teacher, evaluation)
 
 
 def fit_model_to_loss(cfg: Config) -> None:
@@ -166,7 +174,12 @@ def fit_model_to_loss(cfg: Config) -> None:
 
 
 def _train(
-    cfg: Config, resume: bool, run_dir: Path, dist: DistInfo, teacher: Teacher | None
+    cfg: Config,
+    resume: bool,
+    run_dir: Path,
+    dist: DistInfo,
+    teacher: Teacher | None,
+    evaluation: RunEvaluation | None,
 ) -> dict:
     layout = RunDir(run_dir)
     device = pick_device(cfg.run.device, dist)
@@ -186,6 +199,8 @@ def _train(
             state = _restore(saved, optimizer, dist, cfg.data.workers, device)
             if dist.is_main:  # results of steps past the checkpoint: those steps train again
                 remove_evaluations_after(run_dir, state.step)
+            if evaluation is not None:
+                evaluation.restore(saved.checkpoint.state)
         loader, info = build_loader(
             cfg.data,
             preprocess,
@@ -205,12 +220,6 @@ def _train(
                 info.batches_per_epoch,
             )
         steps = total_steps(cfg, dist)
-        evaluation = None
-        if RunEvaluation.wanted(cfg):
-            best = saved.checkpoint.state.get("best") if saved is not None else None
-            evaluation = RunEvaluation(
-                cfg, steps, preprocess, tokenizer, device, dist, run_dir, saved_best=best
-            )
         trainer = Trainer(
             cfg, method, optimizer, loader, steps, dist, device, run_dir, state, evaluation
         )
