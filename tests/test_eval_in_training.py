@@ -214,3 +214,65 @@ def test_two_gloo_ranks_equal_one_process(
         assert metrics and {k: two[k] for k in metrics} == pytest.approx(metrics, abs=TOL)
     written = json.loads((tmp_path / "run/eval/step-5/lp.json").read_text())
     assert written["clipkit"]["probe_fit"]["refine_steps"] == 0  # the quick sweep
+
+
+def split_shards(source, out, parts: int):
+    """The samples of tar `source` re-written as `parts` tars under `out`."""
+    import io
+    import tarfile
+
+    from clipkit.data.eval_io import iter_tar_samples
+
+    samples = list(iter_tar_samples(str(source)))
+    out.mkdir(parents=True)
+    for p in range(parts):
+        with tarfile.open(out / f"{p}.tar", "w") as tar:
+            for key, fields in samples[p::parts]:
+                for ext, data in fields.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return sorted(out.glob("*.tar"))
+
+
+@pytest.mark.parametrize("kind", ["tars", "folder"])
+def test_rank_shares_partition_the_set_in_read_order(demo_root, folder_set, tmp_path, kind):
+    """Two ranks' shares hold every sample once; sorted by their tags they are the order one
+    process reads the set in, whatever the loader workers (tars: 3 shards over 2 workers)."""
+    from clipkit.data.eval_io import rank_share, tagged
+    from clipkit.data.eval_sets import FolderImages, TarImages, collate_labelled
+    from clipkit.eval.embed import make_loader
+
+    def blank(image):
+        return torch.zeros(1)
+
+    if kind == "tars":
+        shards = split_shards(demo_root / "zeroshot/shape/test/0.tar", tmp_path / "s", 3)
+        dataset = TarImages([str(s) for s in shards], blank)
+        whole = [name for _, _, name in dataset]  # one process, shard by shard
+    else:
+        files = sorted((folder_set / "test").rglob("*.png"))
+        dataset = FolderImages([(str(f), i % 6) for i, f in enumerate(files)], blank)
+        whole = [str(f) for f in files]
+    seen = []
+    for rank in range(2):
+        loader = make_loader(rank_share(dataset, rank, 2), 5, 2, tagged(collate_labelled))
+        seen += [pair for b in loader for pair in zip(b["order"], b["name"], strict=True)]
+    assert len(whole) == 64 and len(seen) == 64
+    assert [name for _, name in sorted(seen)] == whole
+    if kind == "tars":  # what the tags are for: 2 workers interleave the shards' batches
+        plain = [n for b in make_loader(dataset, 5, 2, collate_labelled) for n in b["name"]]
+        assert sorted(plain) == sorted(whole) and plain != whole
+
+
+def test_unwritable_results_are_a_warning(tiny_checkpoint, demo_root, tmp_path, caplog):
+    """RUN/eval is a file: the results JSON cannot be written, the record still comes back."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/eval").write_text("in the way")
+    evaluator, method = build_eval(
+        str(tiny_checkpoint), [f"zs=zero-shot:demo:{demo_root}"], tmp_path / "run"
+    )
+    with caplog.at_level(logging.WARNING, logger="clipkit.eval.in_training"):
+        (record,) = evaluator.run(method, step=1, samples_seen=32)
+    assert "error" not in record and 0 <= record["eval/zs/acc1"] <= 1
+    assert [m for m in caplog.messages if m.startswith("evaluation zs at step 1: ")]

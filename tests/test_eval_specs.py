@@ -20,7 +20,7 @@ def data(tmp_path):
 def test_grammar_and_default_names(data):
     spec = parse_spec(f"zero-shot:wds:{data}/wds_cifar10")
     assert (spec.name, spec.task, spec.dataset, spec.path) == (
-        "zero-shot-wds_cifar10",
+        "zero-shot-cifar10",
         "zero-shot",
         "wds",
         f"{data}/wds_cifar10",
@@ -82,12 +82,12 @@ def test_errors_are_one_line_naming_the_spec(data, spec, message):
 
 def test_duplicate_names_are_refused(data):
     wds = f"zero-shot:wds:{data}/wds_cifar10"
-    with pytest.raises(ConfigError, match="the name 'zero-shot-wds_cifar10' is taken by"):
+    with pytest.raises(ConfigError, match="the name 'zero-shot-cifar10' is taken by"):
         parse_specs([wds, f"{wds},split=val"])
     with pytest.raises(ConfigError, match="the name 'a' is taken"):
         parse_specs([f"a={wds}", f"a=retrieval:{data}/wds_cifar10"])
     assert [s.name for s in parse_specs([wds, f"val={wds},split=val"])] == [
-        "zero-shot-wds_cifar10",
+        "zero-shot-cifar10",
         "val",
     ]
 

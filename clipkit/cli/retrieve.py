@@ -326,8 +326,8 @@ def parse_ks(ks: str) -> list[int]:
 def eval_cmd(data, split, ks, output, **kwargs):
     """Image->text and text->image recall@k, exact and through FAISS indexes."""
     from clipkit.data.sources import local_paths
-    from clipkit.eval.results import table
-    from clipkit.eval.retrieval import evaluate_retrieval, retrieval_record
+    from clipkit.eval.results import retrieval_record, table
+    from clipkit.eval.retrieval import evaluate_retrieval
 
     k_list = parse_ks(ks)
     source = pick(ModelSource, kwargs)

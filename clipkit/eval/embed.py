@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from clipkit.data.eval_io import rank_share, tagged
+
 log = logging.getLogger(__name__)
 
 
@@ -119,6 +121,51 @@ def embed_loader(
         skipped,
         (torch.cat(texts) if texts else torch.zeros(0, 0)) if tokenizer is not None else None,
     )
+
+
+def share_loader(dataset, collate: Callable, reading, rank: int = 0, world: int = 1):
+    """A loader over a rank's share of an evaluation set (rank 0 of 1: all of it), each
+    decodable item's place in the whole set collated as "order" (`clipkit.data.eval_io`)."""
+    share = rank_share(dataset, rank, world)
+    return make_loader(share, reading.batch_size, reading.workers, tagged(collate))
+
+
+def share_total(num_samples: int | None, rank: int = 0, world: int = 1) -> int | None:
+    """Images in a rank's share of a set of `num_samples` (None when unknown)."""
+    return None if num_samples is None else len(range(rank, num_samples, world))
+
+
+def merge_parts(parts: list[EmbeddedPart]) -> EmbeddedPart:
+    """The ranks' parts as one, rows sorted by their "order" tags (captions follow their image)."""
+    filled = [p for p in parts if len(p)]
+    skipped = SkipCounter()
+    for p in parts:
+        skipped.add(p.skipped.examples)
+        skipped.count += p.skipped.count - len(p.skipped.examples)
+    if not filled:
+        return EmbeddedPart(torch.zeros(0, 0), {k: [] for k in parts[0].rows}, skipped)
+    rows = {name: [v for p in filled for v in p.rows[name]] for name in filled[0].rows}
+    permutation = sorted(range(len(rows["order"])), key=rows["order"].__getitem__)
+    images = torch.cat([p.image_features for p in filled])[permutation]
+    merged = {name: [values[i] for i in permutation] for name, values in rows.items()}
+    texts = None
+    if filled[0].text_features is not None:
+        texts = _text_rows(filled, rows["captions"], permutation)
+    return EmbeddedPart(images, merged, skipped, texts)
+
+
+def _text_rows(parts: list[EmbeddedPart], captions: list, permutation: list[int]):
+    """Every caption row, grouped by image in the merged image order."""
+    texts = [p.text_features for p in parts if len(p.text_features)]
+    if not texts:
+        return torch.zeros(0, 0)
+    all_texts = torch.cat(texts)
+    starts, at = [], 0
+    for caps in captions:
+        starts.append(at)
+        at += len(caps)
+    order = [r for i in permutation for r in range(starts[i], starts[i] + len(captions[i]))]
+    return all_texts[order]
 
 
 def progress(

@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 
-from clipkit.data.eval_io import rank_share
 from clipkit.distributed import DistInfo
 from clipkit.eval import LoaderSettings
-from clipkit.eval.embed import EmbeddedPart
+from clipkit.eval.embed import EmbeddedPart, merge_parts
 from clipkit.eval.loading import LoadedModel
-from clipkit.eval.sharded import gather, join_columns, merge_parts, share_of
+from clipkit.eval.sharded import gather, join_columns, share_of
 from clipkit.eval.specs import EvalSpec, metric_key
 from clipkit.run_dir import RunDir
 
@@ -123,6 +122,7 @@ class InTrainingEval:
     def _write(self, result: dict, step: int, name: str, which: str) -> None:
         """The main rank writes the results JSON; a failed write is a warning, not a stop."""
         from clipkit.eval.results import write_json
+        from clipkit.fileio import OutputError
 
         if not self.dist.is_main:
             return
@@ -131,8 +131,8 @@ class InTrainingEval:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, result)
-        except OSError as e:
-            log.warning("evaluation %s at step %d: cannot write %s (%s)", name, step, path, e)
+        except (OSError, OutputError) as e:  # a full disk must not stop the training either
+            log.warning("evaluation %s at step %d: %s", name, step, e)
 
     # ---- the embedding part, on this rank's share, gathered to every rank ----
 
@@ -148,21 +148,18 @@ class InTrainingEval:
             raise EvalFailed(errors[0])
         return [payload for payload, _ in outcomes]
 
-    def _share(self, dataset):
-        return rank_share(dataset, self.dist.rank, self.dist.world_size)
-
     def _labelled(self, loaded: LoadedModel, data) -> EmbeddedPart:
         from clipkit.eval.zero_shot import embed_labelled
 
-        share = self._share(data.dataset)
         return embed_labelled(
             loaded.model,
-            share,
+            data.dataset,
             self.device,
             self.reading,
-            total=len(share) if hasattr(share, "__len__") else None,
+            total=data.num_samples,
             desc=f"eval {data.name}",
-            order=True,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
             show=self.dist.is_main,
         )
 
@@ -212,25 +209,20 @@ class InTrainingEval:
         )
 
     def _retrieval(self, spec: EvalSpec, loaded: LoadedModel) -> dict:
-        from clipkit.eval.retrieval import (
-            embed_pair_part,
-            exact_recall,
-            pair_embeddings,
-            retrieval_record,
-        )
+        from clipkit.eval.results import retrieval_record
+        from clipkit.eval.retrieval import embed_pair_part, exact_recall, pair_embeddings
 
         (pairs,) = self.sets[spec.name]
 
         def local() -> EmbeddedPart:
-            share = self._share(pairs.dataset)
-            total = len(share) if hasattr(share, "__len__") else None
             return embed_pair_part(
                 loaded,
-                share,
+                pairs.dataset,
                 self.device,
                 self.reading,
-                total=total,
-                order=True,
+                total=pairs.num_samples,
+                rank=self.dist.rank,
+                world=self.dist.world_size,
                 show=self.dist.is_main,
             )
 

@@ -67,6 +67,7 @@ def split_features(
         "split": data.split,
         "files": data.fingerprint,
         "transform": repr(loaded.preprocess),
+        "rows": "read order",  # rows in the order one process reads the set, whatever --workers
     }
     return cached_features(cache_dir, key, lambda: extract_features(loaded, data, device, reading))
 

@@ -93,6 +93,29 @@ def probe_record(
     )
 
 
+def retrieval_record(loaded, pairs, emb, out: dict, ks: list, seed) -> dict[str, Any]:
+    """The results JSON of `retrieve eval` for `pairs` (a PairedSet) embedded as `emb`
+    (PairEmbeddings): `out` holds "metrics" (exact) and, when indexes were built,
+    "index_metrics" and "indexes"."""
+    return results_dict(
+        dataset=pairs.name,
+        loaded=loaded,
+        task="zeroshot_retrieval",
+        metrics=out["metrics"],
+        num_samples=len(emb.keys),
+        extra={
+            "data_root": pairs.root,
+            "num_captions": len(emb.text_features),
+            "index_metrics": out.get("index_metrics"),
+            "indexes": out.get("indexes"),
+            "ks": ks,
+            "templates": None,
+            "seed": seed,
+            "skipped_images": emb.skipped.count,
+        },
+    )
+
+
 def _clean(obj: Any) -> Any:
     """NaN is not JSON: write null (CLIP_benchmark writes NaN, which strict parsers reject)."""
     if isinstance(obj, float) and math.isnan(obj):

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from clipkit.config import ConfigError
-from clipkit.data.eval_io import tagged
 from clipkit.data.eval_pairs import PairedSet, collate_pairs
 from clipkit.data.sources import local_paths
 from clipkit.eval import LoaderSettings
@@ -33,12 +32,13 @@ from clipkit.eval.embed import (
     SkipCounter,
     check_skipped,
     embed_loader,
-    make_loader,
+    merge_parts,
     progress,
+    share_loader,
+    share_total,
 )
 from clipkit.eval.loading import model_inputs
 from clipkit.eval.metrics import retrieval_recall, retrieval_recall_from_index
-from clipkit.eval.results import results_dict
 from clipkit.fileio import guard_output_dir, output_dir
 
 log = logging.getLogger(__name__)
@@ -74,21 +74,23 @@ def embed_pair_part(
     reading: LoaderSettings,
     *,
     total: int | None,
-    order: bool = False,
+    rank: int = 0,
+    world: int = 1,
     show: bool = True,
 ) -> EmbeddedPart:
-    """Images and captions of a captioned dataset (with `order`: a rank's tagged share)."""
-    collate = tagged(collate_pairs) if order else collate_pairs
-    loader = make_loader(dataset, reading.batch_size, reading.workers, collate)
-    fields = ("key", "captions", "source") + (("order",) if order else ())
-    return embed_loader(
+    """Images and captions of a captioned dataset (a rank's share; all of it by default), in
+    the order one process reads it."""
+    loader = share_loader(dataset, collate_pairs, reading, rank, world)
+    count = share_total(total, rank, world)
+    part = embed_loader(
         loaded.model,
         loader,
         device,
-        fields=fields,
-        bar=lambda batches: progress(batches, total, reading.batch_size, "embedding", show),
+        fields=("key", "captions", "source", "order"),
+        bar=lambda batches: progress(batches, count, reading.batch_size, "embedding", show),
         tokenizer=loaded.tokenizer,
     )
+    return merge_parts([part])
 
 
 def pair_embeddings(part: EmbeddedPart, root: str, max_bad_fraction: float) -> PairEmbeddings:
@@ -115,28 +117,6 @@ def exact_recall(emb: PairEmbeddings, ks: list[int]) -> dict[str, float]:
     if len(emb.text_features) == 0:
         raise ConfigError("no captions found: retrieval needs a txt member / .txt file per image")
     return retrieval_recall(emb.image_features, emb.text_features, emb.text_to_image, ks)
-
-
-def retrieval_record(loaded, pairs: PairedSet, emb: PairEmbeddings, out: dict, ks: list, seed):
-    """The results JSON of `retrieve eval` (CLIP_benchmark's shape + a clipkit block); `out`
-    holds "metrics" (exact) and, when indexes were built, "index_metrics" and "indexes"."""
-    return results_dict(
-        dataset=pairs.name,
-        loaded=loaded,
-        task="zeroshot_retrieval",
-        metrics=out["metrics"],
-        num_samples=len(emb.keys),
-        extra={
-            "data_root": pairs.root,
-            "num_captions": len(emb.text_features),
-            "index_metrics": out.get("index_metrics"),
-            "indexes": out.get("indexes"),
-            "ks": ks,
-            "templates": None,
-            "seed": seed,
-            "skipped_images": emb.skipped.count,
-        },
-    )
 
 
 def _build(

@@ -6,11 +6,11 @@ One spec is one string (`pretrain --eval SPEC`, or an item of the `eval:` list i
     TASK:SOURCE := zero-shot:DATASET:DIR | probe:DATASET:DIR | retrieval:DIR
     DATASET     := imagenet | folder | wds | demo     (as in `clipkit zero-shot DATASET`)
 
-    zero-shot:wds:/data/wds_cifar10                  -> name zero-shot-wds_cifar10
+    zero-shot:wds:/data/wds_cifar10                  -> name zero-shot-cifar10
     zero-shot:imagenet:/data/imagenet                -> name zero-shot-imagenet
     shape=zero-shot:demo:demo_data,task=shape        -> name shape
     retrieval:demo_data/eval,ks=1-5-10               -> name retrieval-eval
-    probe:wds:/data/wds_cifar10,sweep=full           -> name probe-wds_cifar10
+    probe:wds:/data/wds_cifar10,sweep=full           -> name probe-cifar10
 
 The text is split on its first ':'s only, so DIR may hold ':'; options start at the first ','
 followed by `KEY=`. The options are the stand-alone commands' own:
@@ -22,7 +22,8 @@ followed by `KEY=`. The options are the stand-alone commands' own:
   `full` (`clipkit probe`'s own sweep: 7 decays, 2 refinements, 300 iterations)
 - retrieval: `split` (test), `ks` as k values joined by '-' (1-5-10)
 
-Default NAME: the task, the data folder's name and (demo) the task: `zero-shot-demo_data-shape`.
+Default NAME: the task, the data folder's name (less `wds_`) and (demo) the task:
+`zero-shot-demo_data-shape`.
 Names match [A-Za-z0-9_.-]+ and are unique within a run. Every metric a spec produces is logged
 as `eval/NAME/METRIC` (`eval/NAME/ema/METRIC` for a method's EMA weights): `metric_key`.
 
@@ -148,8 +149,9 @@ def parse_spec(text: str) -> EvalSpec:
 
 
 def default_name(task: str, dataset: str | None, path: str, options: dict) -> str:
-    """task + data folder name (+ the demo task), with characters outside a name made '_'."""
-    folder = Path(path).name or path.strip("/") or "data"
+    """task + data folder name without CLIP_benchmark's `wds_` prefix (+ the demo task), with
+    characters outside a name made '_'."""
+    folder = (Path(path).name or path.strip("/") or "data").removeprefix("wds_") or "wds"
     parts = [task, re.sub(r"[^A-Za-z0-9_.-]", "_", folder)]
     if dataset == "demo":
         parts.append(options["task"])

@@ -13,10 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from clipkit.data.eval_io import tagged
 from clipkit.data.eval_sets import ClassificationSet, collate_labelled
 from clipkit.eval import LoaderSettings
-from clipkit.eval.embed import EmbeddedPart, check_skipped, embed_loader, make_loader, progress
+from clipkit.eval.embed import (
+    EmbeddedPart,
+    check_skipped,
+    embed_loader,
+    merge_parts,
+    progress,
+    share_loader,
+    share_total,
+)
 from clipkit.eval.metrics import classification_metrics
 from clipkit.eval.results import results_dict
 
@@ -50,21 +57,23 @@ def embed_labelled(
     *,
     total: int | None,
     desc: str = "images",
-    order: bool = False,
+    rank: int = 0,
+    world: int = 1,
     show: bool = True,
 ) -> EmbeddedPart:
-    """Unit image features and "label" rows of a labelled dataset (zero-shot and probes); with
-    `order`, the dataset is a rank's share whose items carry their place ("order" rows)."""
-    collate = collate_labelled if not order else tagged(collate_labelled)
-    loader = make_loader(dataset, reading.batch_size, reading.workers, collate)
-    fields = ("label", "order") if order else ("label",)
-    return embed_loader(
+    """Unit image features and "label" rows of a labelled dataset (zero-shot and probes), of
+    rank `rank`'s share of `world` (all of it by default), in the order one process reads it
+    whatever the loader workers (the "order" rows say each row's place in the whole set)."""
+    loader = share_loader(dataset, collate_labelled, reading, rank, world)
+    count = share_total(total, rank, world)
+    part = embed_loader(
         model,
         loader,
         device,
-        fields=fields,
-        bar=lambda batches: progress(batches, total, reading.batch_size, desc, show),
+        fields=("label", "order"),
+        bar=lambda batches: progress(batches, count, reading.batch_size, desc, show),
     )
+    return merge_parts([part])
 
 
 def zero_shot_record(
