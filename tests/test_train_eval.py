@@ -138,19 +138,22 @@ def test_bad_eval_options_are_one_line_and_write_nothing(demo_root, tmp_path, ex
 
 
 def test_a_failing_evaluation_is_logged_and_training_finishes(demo_root, tmp_path):
-    """A retrieval set whose shard is damaged mid-run: an error record at each evaluation, the
-    other evaluation goes on, and the run ends normally."""
+    """A retrieval set and held-out data whose shard is damaged mid-run: an error record for
+    each, the other evaluation goes on, and the run ends normally."""
     pairs = tmp_path / "pairs"
     shutil.copytree(demo_root / "eval", pairs)
     shard = sorted(pairs.glob("*.tar"))[0]
     run = tmp_path / "run"
     specs = ["--eval", f"bad=retrieval:{pairs}", "--eval", _specs(demo_root)[0]]
+    specs += ["--val-data", pairs]
     args = ["--data", demo_root / "train", "--out", run, *TINY, "--steps", 2, *specs]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated after the check
     code, out, err = run_cli("pretrain", *args)
     assert code == 0, err
     bad = _eval_records(run, "bad")
     assert [r["step"] for r in bad] == [2] and "damaged" in bad[0]["error"]
+    (val,) = _eval_records(run, "val")
+    assert val["step"] == 2 and "damaged" in val["error"] and "val/loss" not in val
     assert "eval/shape/acc1" in _eval_records(run, "shape")[0]
     assert checkpoint.load(run)["step"] == 2
 

@@ -101,6 +101,8 @@ def test_keep_best_holds_the_best_steps_weights(demo_root, tmp_path):
         run / "checkpoints" / "best.pt", "--workers", 0, "-o", tmp_path / "zs.json",
     )  # fmt: skip
     assert code == 0, err
+    code, _, err = run_cli("export", "-c", run / "checkpoints" / "best.pt", "--out", tmp_path / "x")
+    assert code == 0 and (tmp_path / "x" / "open_clip_config.json").is_file(), err
 
 
 def test_best_tracker_directions_and_resume_state():

@@ -142,9 +142,6 @@ class RunEvaluation:
                 describe(f"evaluating {', '.join(self.names)}")
                 records += self.benchmarks.run(method, step, samples_seen)
         describe("pretrain")
-        for r in records:
-            if "error" in r and self.dist.is_main:
-                log.warning("evaluation %s at step %d failed: %s", r["eval"], step, r["error"])
         return records
 
     def _val_record(self, method, step: int, samples_seen: int) -> dict:
@@ -155,6 +152,8 @@ class RunEvaluation:
                 method.eval_model("online"), method.loss_kind, method.model_scales()
             )
         except (ValidationError, ConfigError) as e:  # ConfigError: too many unreadable images
+            if self.dist.is_main:  # as InTrainingEval reports the benchmarks' failures
+                log.warning("%s failed at step %d: %s; training goes on", VAL_LOSS, step, e)
             return {**head, "eval": "val", "error": str(e)}
         return {**head, VAL_LOSS: value, "eval_seconds": round(time.perf_counter() - t0, 3)}
 

@@ -20,13 +20,12 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from clipkit.data.eval_io import rank_share
 from clipkit.data.eval_pairs import PairedSet, paired_set
 from clipkit.distributed import DistInfo
 from clipkit.eval import LoaderSettings
-from clipkit.eval.embed import EmbeddedPart, check_skipped
+from clipkit.eval.embed import EmbeddedPart, check_skipped, merge_parts
 from clipkit.eval.retrieval import embed_pair_part
-from clipkit.eval.sharded import gather, merge_parts
+from clipkit.eval.sharded import gather
 from clipkit.losses import clip_loss, siglip_loss
 
 
@@ -98,13 +97,11 @@ class Validation:
 
     def _embed_share(self, model: nn.Module) -> EmbeddedPart:
         """This rank's share of the set: images and captions, tagged with their places."""
-        share = rank_share(self.data.dataset, self.dist.rank, self.dist.world_size)
         encoder = SimpleNamespace(model=model, tokenizer=self.tokenizer)
-        total = len(share) if hasattr(share, "__len__") else None
-        show = self.dist.is_main
         return embed_pair_part(
-            encoder, share, self.device, self.reading, total=total, order=True, show=show
-        )
+            encoder, self.data.dataset, self.device, self.reading, total=self.data.num_samples,
+            rank=self.dist.rank, world=self.dist.world_size, show=self.dist.is_main,
+        )  # fmt: skip
 
     def _gathered(self, mine: EmbeddedPart | str) -> ValFeatures:
         """Every rank's rows in the set's order, each image with its first caption (images
