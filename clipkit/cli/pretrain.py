@@ -215,11 +215,12 @@ REPEATED = [
     (
         "--eval",
         "eval.specs",
-        "Evaluate while training (repeat for several): KIND:DATA, e.g. zero-shot:wds:DIR, "
-        "zero-shot:imagenet:DIR, zero-shot:folder:DIR, retrieval:PAIRS_DIR, probe:wds:DIR "
-        "(grammar: clipkit.eval.specs; README 'Evaluation during training'). Logged as "
-        "eval/NAME/METRIC, results in RUN_DIR/eval/step-N/NAME.json. "
-        "Example: --eval zero-shot:wds:cifar10/ --eval retrieval:val_pairs/ --eval-every 500.",
+        "Evaluate while training (repeat for several): [NAME=]TASK:SOURCE[,KEY=VALUE...] with "
+        "TASK:SOURCE one of zero-shot:DATASET:DIR, probe:DATASET:DIR (DATASET: imagenet, "
+        "folder, wds, demo) or retrieval:DIR, and the stand-alone command's options "
+        "(README 'Evaluation specs'). Logged as eval/NAME/METRIC, results in "
+        "RUN_DIR/eval/step-N/NAME.json. Example: --eval zero-shot:wds:/data/wds_cifar10 "
+        "--eval pairs=retrieval:val_pairs,ks=1-5 --eval-every 500.",
     ),
 ]
 SWITCHES = [

@@ -166,9 +166,15 @@ class RunEvaluation:
         return {"best": self.best.state()} if self.best is not None else {}
 
 
-def remove_evaluations_after(run_dir: Path, step: int) -> None:
-    """On resume (main rank): eval/step-N folders past the resumed step belong to steps the run
-    trains again (the run log's records of them are dropped likewise)."""
-    for folder in RunDir(run_dir).eval_step_dirs():
-        if step_of(folder) > step:
-            shutil.rmtree(folder, ignore_errors=True)
+def resume_evaluations(
+    run_dir: Path, saved: dict, evaluation: RunEvaluation | None, dist: DistInfo
+) -> None:
+    """On resume from checkpoint contents `saved`: the main rank removes eval/step-N folders
+    past its step (those steps train again; the run log drops their records likewise), and
+    --keep-best continues from the best it recorded."""
+    if dist.is_main:
+        for folder in RunDir(run_dir).eval_step_dirs():
+            if step_of(folder) > saved["step"]:
+                shutil.rmtree(folder, ignore_errors=True)
+    if evaluation is not None:
+        evaluation.restore(saved)

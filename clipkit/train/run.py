@@ -35,7 +35,7 @@ from clipkit.train.evaluation import (
     RunEvaluation,
     build_evaluation,
     check_eval_config,
-    remove_evaluations_after,
+    resume_evaluations,
 )
 from clipkit.train.logging import log
 from clipkit.train.optim import build_optimizer
@@ -197,10 +197,7 @@ def _train(
         if saved is not None:
             check_same_teacher(saved, teacher)
             state = _restore(saved, optimizer, dist, cfg.data.workers, device)
-            if dist.is_main:  # results of steps past the checkpoint: those steps train again
-                remove_evaluations_after(run_dir, state.step)
-            if evaluation is not None:
-                evaluation.restore(saved.checkpoint.state)
+            resume_evaluations(run_dir, saved.checkpoint.state, evaluation, dist)
         loader, info = build_loader(
             cfg.data,
             preprocess,

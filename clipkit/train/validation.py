@@ -48,7 +48,7 @@ class ValFeatures:
     text_features: torch.Tensor  # (N, D), unit norm
 
 
-def batch_losses(
+def mean_batch_loss(
     features: ValFeatures, batch_size: int, loss_kind: str, scales: dict
 ) -> torch.Tensor:
     """The mean contrastive loss over consecutive batches of `batch_size` rows, each batch its
@@ -93,7 +93,7 @@ class Validation:
             mine = f"{type(e).__name__}: {e}"
         features = self._gathered(mine)
         scales = {k: v.detach().float().cpu() for k, v in scales.items()}
-        return float(batch_losses(features, self.batch_size, loss_kind, scales))
+        return float(mean_batch_loss(features, self.batch_size, loss_kind, scales))
 
     def _embed_share(self, model: nn.Module) -> EmbeddedPart:
         """This rank's share of the set: images and captions, tagged with their places."""
