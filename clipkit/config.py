@@ -279,6 +279,7 @@ def _check_eval(e: EvalConfig) -> None:
     _check(e.workers >= 0, "--eval-workers must be >= 0")
     _check(all(s.strip() for s in e.specs), "--eval: a spec is empty")
     _check(e.keep_best is None or bool(e.keep_best.strip()), "--keep-best: name a metric")
+    _check(e.val_data is None or bool(e.val_data.strip()), "--val-data: name the held-out shards")
 
 
 # Options a resumed run may change: how long, where and how fast it runs, and safety limits. Every

@@ -125,6 +125,7 @@ def test_yaml_eval_list_and_resume_changes_evaluations(demo_root, tmp_path):
         (["--eval", "zero-shot:demo:{root}", "--eval-every", 0], "--eval-every must be >= 1"),
         (["--val-data", "/no/such/shards"], "/no/such/shards"),
         (["--eval-every", 3], "nothing to evaluate"),
+        (["--val-data", ""], "--val-data: name the held-out shards"),
     ],
 )
 def test_bad_eval_options_are_one_line_and_write_nothing(demo_root, tmp_path, extra, words):
