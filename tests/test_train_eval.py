@@ -74,7 +74,8 @@ def test_records_at_the_evaluation_steps(eval_run):
 
 
 def test_eval_seconds_are_kept_apart_from_train_seconds(eval_run):
-    run, _ = eval_run
+    run, out = eval_run
+    assert "not counted as training time" in out
     state = checkpoint.load(run)
     records = [r for r in read_metrics(run / "metrics.jsonl") if "eval" in r]
     assert state["eval_seconds"] >= sum(r["eval_seconds"] for r in records) > 0

@@ -389,6 +389,8 @@ def _report(summary: dict) -> None:
     click.echo(f"done: {summary['step']} steps, {summary['samples_seen']} samples")
     click.echo(f"checkpoint: {summary['checkpoint']}")
     click.echo(f"curves:     {summary['curves']}")
+    if summary.get("eval_seconds"):
+        click.echo(f"evaluation: {summary['eval_seconds']:.1f} s, not counted as training time")
     if summary.get("bad_samples"):
         click.echo(f"skipped samples by reason: {summary['bad_samples']}")
 
