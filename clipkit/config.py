@@ -87,12 +87,26 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation while the run trains (clipkit.train.evaluation). YAML `eval:` may also be a
+    bare list of specs."""
+
+    specs: list[str] = field(default_factory=list)  # e.g. zero-shot:wds:DIR (clipkit.eval.specs)
+    every: int | None = None  # steps between evaluations; the last step is always evaluated
+    val_data: str | None = None  # held-out shards: their contrastive loss is logged as val/loss
+    keep_best: str | None = None  # METRIC[:min|:max]: keep checkpoints/best.pt at its best
+    batch_size: int = 64  # images per batch of the evaluations (val/loss: the training batch)
+    workers: int = 2  # DataLoader workers of the evaluations
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return {section: section_dict(self, section) for section in SECTIONS}
@@ -131,6 +145,8 @@ def merge(
             )
         if values is None:
             continue
+        if section == "eval" and isinstance(values, list):  # `eval:` as a bare list of specs
+            values = {"specs": values}
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}'{origin} must be a mapping")
         if section == "method":
@@ -284,8 +300,20 @@ def validate(cfg: Config) -> Config:
         o.shared_weight_decay is None or o.shared_weight_decay >= 0,
         "--shared-weight-decay must be >= 0",
     )
+    _check_eval(cfg.eval)
     cfg.method.check()  # the method's own settings: those given apply, and its range checks
     return cfg
+
+
+def _check_eval(e: EvalConfig) -> None:
+    """The eval section's own ranges; what the specs and --keep-best name is checked against the
+    evaluations themselves (`clipkit.train.evaluation.check_eval_config`, a layer above)."""
+    _check(e.every is None or e.every >= 1, "--eval-every must be >= 1")
+    _check(e.batch_size >= 1, "--eval-batch-size must be >= 1")
+    _check(e.workers >= 0, "--eval-workers must be >= 0")
+    _check(all(s.strip() for s in e.specs), "--eval: a spec is empty")
+    _check(e.keep_best is None or bool(e.keep_best.strip()), "--keep-best: name a metric")
+    _check(e.val_data is None or bool(e.val_data.strip()), "--val-data: name the held-out shards")
 
 
 # Options a resumed run may change: how long, where and how fast it runs, and safety limits. Every
@@ -314,6 +342,8 @@ CHANGEABLE_ON_RESUME = {
         "report_to",
         "wandb_project",
     },
+    # What a run evaluates decides nothing it trains: every eval option may change.
+    "eval": {f.name for f in fields(EvalConfig)},
 }
 
 

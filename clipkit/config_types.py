@@ -34,7 +34,9 @@ def converted(label: str, value: Any, hint: Any, origin: str = "") -> Any:
 
 
 def convert(value: Any, hint: Any) -> Any:
-    """`value` as type `hint` (int, float, bool, str, dict, or X | None)."""
+    """`value` as type `hint` (int, float, bool, str, dict, list[X], or X | None)."""
+    if typing.get_origin(hint) is list:
+        return _to_list(value, typing.get_args(hint)[0])
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -99,6 +101,16 @@ def _to_dict(value: Any) -> dict:
     if isinstance(value, dict):
         return value
     raise NotConvertible("a mapping")
+
+
+def _to_list(value: Any, item: Any) -> list:
+    """A list (a tuple of repeated flags too), each item converted; one bare item is a list of
+    one (`eval: zero-shot:wds:DIR`)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        return [convert(v, item) for v in items]
+    except NotConvertible as e:
+        raise NotConvertible(f"a list, each item {e}") from None
 
 
 _CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, dict: _to_dict}

@@ -33,11 +33,13 @@ def clip_loss(
     image_features: torch.Tensor,  # (B, D), L2-normalised
     text_features: torch.Tensor,  # (B, D), L2-normalised
     logit_scale: torch.Tensor,  # scalar, already exp()'d
+    gather: bool = True,
 ) -> torch.Tensor:
-    """Mean of the image->text and text->image cross-entropies over this rank's B samples."""
-    rank = current().rank
+    """Mean of the image->text and text->image cross-entropies over this rank's B samples;
+    `gather=False`: against this rank's batch alone, as one process would (validation)."""
+    rank = current().rank if gather else 0
     logits_per_image, logits_per_text = _rows_against_global_batch(
-        image_features, text_features, logit_scale
+        image_features, text_features, logit_scale, gather
     )
     batch = image_features.shape[0]
     labels = torch.arange(batch, device=image_features.device) + rank * batch
@@ -50,11 +52,13 @@ def _rows_against_global_batch(
     image_features: torch.Tensor,  # (B, D)
     text_features: torch.Tensor,  # (B, D)
     logit_scale: torch.Tensor,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's image->text and text->image logits, each (B, world*B), against the gathered
-    batch; the gathered samples of rank r sit at columns r*B .. (r+1)*B - 1."""
-    all_image = all_gather_with_grad(image_features)  # (world*B, D)
-    all_text = all_gather_with_grad(text_features)
+    batch; the gathered samples of rank r sit at columns r*B .. (r+1)*B - 1 (`gather=False`:
+    (B, B), this rank's batch alone)."""
+    all_image = all_gather_with_grad(image_features) if gather else image_features  # (world*B, D)
+    all_text = all_gather_with_grad(text_features) if gather else text_features
     return logit_scale * image_features @ all_text.T, logit_scale * text_features @ all_image.T
 
 
@@ -100,6 +104,7 @@ def siglip_loss(
     logit_scale: torch.Tensor,  # scalar t, already exp()'d
     logit_bias: torch.Tensor,  # scalar b, learnable
     bidirectional: bool = True,
+    gather: bool = True,
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, arXiv 2303.15343, Sec. 3, Algorithm 1).
 
@@ -117,10 +122,11 @@ def siglip_loss(
     at once, so the ring is covered in about world / 2 exchanges. A rank only ever holds B x B
     blocks of logits and one or two text blocks in flight, never the gathered batch's features;
     gradients go back to the rank a block came from through the opposite exchanges.
+    `gather=False`: this rank's batch alone, as one process would (validation).
     """
     loss = _sigmoid_pair_loss(image_features, text_features, logit_scale, logit_bias, True)
     world = current().world_size
-    if world == 1:
+    if world == 1 or not gather:
         return loss
     for other_texts in _text_blocks_of_other_ranks(text_features, world, bidirectional):
         loss = loss + _sigmoid_pair_loss(

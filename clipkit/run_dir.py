@@ -9,6 +9,7 @@
     RUN/.lock                    held by the one process training into RUN
     RUN/checkpoints/step-N.pt    the checkpoint of step N
     RUN/checkpoints/latest.pt    a hard link to the newest step-N.pt
+    RUN/checkpoints/best.pt      the step checkpoint at the best --keep-best value so far
     RUN/eval/step-N/NAME.json    the results of evaluation NAME at step N (NAME.ema.json: the
                                  EMA weights'), CLIP_benchmark's schema
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
+BEST = "best.pt"
 STEP_PREFIX = "step-"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -63,6 +65,10 @@ class RunDir:
     def latest(self) -> Path:
         return self.checkpoints / LATEST
 
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / BEST
+
     def step_checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{STEP_PREFIX}{step}.pt"
 
@@ -75,6 +81,11 @@ class RunDir:
         suffix = ".json" if weights == "online" else f".{weights}.json"
         return self.eval_step_dir(step) / f"{name}{suffix}"
 
+    def eval_step_dirs(self) -> list[Path]:
+        """Every eval/step-N folder, oldest step first."""
+        found = self.root.joinpath(EVAL).glob(f"{STEP_PREFIX}*")
+        return sorted((p for p in found if p.is_dir() and step_of(p) is not None), key=step_of)
+
     def step_checkpoints(self) -> list[Path]:
         """Every checkpoints/step-N.pt, oldest step first (other names are not ours: skipped)."""
         found = (p for p in self.checkpoints.glob(f"{STEP_PREFIX}*.pt") if step_of(p) is not None)
@@ -82,9 +93,10 @@ class RunDir:
 
 
 def step_of(path: Path) -> int | None:
-    """N for a file named step-N.pt; None for any other name."""
-    digits = path.stem[len(STEP_PREFIX) :]
-    if not path.stem.startswith(STEP_PREFIX) or not digits.isdigit():
+    """N for a file named step-N.pt or a folder named step-N; None for any other name."""
+    name = path.stem if path.suffix == ".pt" else path.name
+    digits = name[len(STEP_PREFIX) :]
+    if not name.startswith(STEP_PREFIX) or not digits.isdigit():
         return None
     return int(digits)
 

@@ -199,6 +199,44 @@ FLAGS = [
         "and --resume continues it.",
     ),
     ("--threads", "run.threads", int, "torch CPU threads per process (default: cores/ranks)."),
+    (
+        "--eval-every",
+        "eval.every",
+        int,
+        "Steps between evaluations (--eval, --val-data); the last step is always evaluated. "
+        "Default: the last step only.",
+    ),
+    (
+        "--val-data",
+        "eval.val_data",
+        str,
+        "Held-out shards (a .tar or a directory of *.tar): their contrastive loss (--loss) at "
+        "--batch-size, full images, no graph, logged as val/loss at each evaluation.",
+    ),
+    (
+        "--keep-best",
+        "eval.keep_best",
+        str,
+        "Keep checkpoints/best.pt at the best value of a logged metric: val/loss, "
+        "eval/NAME/METRIC (eval/NAME/ema/METRIC for EMA weights); lower is better for names "
+        "ending in 'loss', higher otherwise, or say so with :min / :max. "
+        "Example: --keep-best eval/imagenet/acc1.",
+    ),
+    ("--eval-batch-size", "eval.batch_size", int, "Images per batch of --eval (default 64)."),
+    ("--eval-workers", "eval.workers", int, "Data loader workers of --eval (default 2)."),
+]
+# Flags given any number of times; their values form a list that replaces the YAML file's.
+REPEATED = [
+    (
+        "--eval",
+        "eval.specs",
+        "Evaluate while training (repeat for several): [NAME=]TASK:SOURCE[,KEY=VALUE...] with "
+        "TASK:SOURCE one of zero-shot:DATASET:DIR, probe:DATASET:DIR (DATASET: imagenet, "
+        "folder, wds, demo) or retrieval:DIR, and the stand-alone command's options "
+        "(README 'Evaluation specs'). Logged as eval/NAME/METRIC, results in "
+        "RUN_DIR/eval/step-N/NAME.json. Example: --eval zero-shot:wds:/data/wds_cifar10 "
+        "--eval pairs=retrieval:val_pairs,ks=1-5 --eval-every 500.",
+    ),
 ]
 SWITCHES = [
     ("--resampled/--no-resampled", "data.resampled", "Draw shards with replacement."),
@@ -274,6 +312,8 @@ def _options(fn):
         )(fn)
     for flag, path, help_ in reversed(SWITCHES + method_switches):
         fn = click.option(flag, _dest(path), default=None, help=help_)(fn)
+    for flag, path, help_ in reversed(REPEATED):
+        fn = click.option(flag, _dest(path), type=str, multiple=True, help=help_)(fn)
     return fn
 
 
@@ -281,7 +321,7 @@ def overrides_from_flags(kwargs: dict) -> dict:
     """Flags the user gave, as nested {section: {key: value}} updates."""
     updates: dict[str, dict] = {}
     for dest, value in kwargs.items():
-        if value is None or "__" not in dest:
+        if value is None or value == () or "__" not in dest:  # (): a repeated flag not given
             continue
         section, key = dest.split("__", 1)
         updates.setdefault(section, {})[key] = value
@@ -317,7 +357,7 @@ def resolve_config(config_file: str | None, resume: bool, flags: dict):
     "config_file",
     type=str,
     default=None,
-    help="YAML file with sections data/model/method/optim/run; flags override it.",
+    help="YAML file with sections data/model/method/optim/run/eval; flags override it.",
 )
 @click.option(
     "--resume",
@@ -364,6 +404,8 @@ def _report(summary: dict) -> None:
     click.echo(f"done: {summary['step']} steps, {summary['samples_seen']} samples")
     click.echo(f"checkpoint: {summary['checkpoint']}")
     click.echo(f"curves:     {summary['curves']}")
+    if summary.get("eval_seconds"):
+        click.echo(f"evaluation: {summary['eval_seconds']:.1f} s, not counted as training time")
     if summary.get("bad_samples"):
         click.echo(f"skipped samples by reason: {summary['bad_samples']}")
 

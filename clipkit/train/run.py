@@ -31,6 +31,12 @@ from clipkit.methods.teacher import Teacher, teacher_for
 from clipkit.models import factory
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import check_accum_mode
+from clipkit.train.evaluation import (
+    RunEvaluation,
+    build_evaluation,
+    check_eval_config,
+    resume_evaluations,
+)
 from clipkit.train.logging import log
 from clipkit.train.optim import build_optimizer
 from clipkit.train.rng import set_rng_state
@@ -145,11 +151,15 @@ def pretrain(cfg: Config, resume: bool = False) -> dict:
     dist = distributed.env_info()
     student_arch = cfg.model.arch or factory.resolve_arch(cfg.model)
     teacher = teacher_for(cfg.method.distill_from, student_arch, pick_device(cfg.run.device, dist))
+    # Opens every evaluation's data: a bad spec or layout is refused before anything is written.
+    evaluation = build_evaluation(
+        cfg, student_arch, method_class(cfg.method.name).has_ema, total_steps(cfg, dist), dist
+    )
     # Only the main rank writes into the run directory, so only it takes the lock; it does so
     # before anything is written, which also proves the directory writable before any work.
     with RunLock(cfg.run.out) if dist.is_main else nullcontext():
         run_dir = prepare_run_dir(cfg, resume) if dist.is_main else Path(cfg.run.out)
-        return _train(cfg, resume, run_dir, dist, teacher)
+        return _train(cfg, resume, run_dir, dist, teacher, evaluation)
 
 
 def fit_model_to_loss(cfg: Config) -> None:
@@ -164,12 +174,18 @@ def fit_model_to_loss(cfg: Config) -> None:
 
 
 def _train(
-    cfg: Config, resume: bool, run_dir: Path, dist: DistInfo, teacher: Teacher | None
+    cfg: Config,
+    resume: bool,
+    run_dir: Path,
+    dist: DistInfo,
+    teacher: Teacher | None,
+    evaluation: RunEvaluation | None,
 ) -> dict:
     layout = RunDir(run_dir)
     device = pick_device(cfg.run.device, dist)
     set_threads(cfg, dist)
     saved, method = _build_method(cfg, run_dir if resume else None, device)
+    check_eval_config(cfg, method.has_ema)  # EMA weights: known per instance (A-CLIP's teacher)
     preprocess = factory.preprocess(cfg.model.arch)
     method.set_objectives(cfg.method.loss, teacher, cfg.method.distill_weight, preprocess)
     tokenizer = build_tokenizer(preprocess)
@@ -181,6 +197,7 @@ def _train(
         if saved is not None:
             check_same_teacher(saved, teacher)
             state = _restore(saved, optimizer, dist, cfg.data.workers, device)
+            resume_evaluations(run_dir, saved.checkpoint.state, evaluation, dist)
         loader, info = build_loader(
             cfg.data,
             preprocess,
@@ -199,8 +216,9 @@ def _train(
                 info.num_samples,
                 info.batches_per_epoch,
             )
+        steps = total_steps(cfg, dist)
         trainer = Trainer(
-            cfg, method, optimizer, loader, total_steps(cfg, dist), dist, device, run_dir, state
+            cfg, method, optimizer, loader, steps, dist, device, run_dir, state, evaluation
         )
         if saved is not None:
             restore_grad_scaler(saved.checkpoint, trainer.scaler)
@@ -274,5 +292,6 @@ def _restore(
         samples_seen=saved["samples_seen"],
         position=position,
         train_seconds=saved.get("train_seconds", 0.0),
+        eval_seconds=saved.get("eval_seconds", 0.0),  # absent before in-training evaluation
         scaler_skipped_steps=saved.get("scaler_skipped_steps", 0),  # absent before fp16 scaling
     )

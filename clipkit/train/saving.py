@@ -1,6 +1,7 @@
 """What a training checkpoint holds besides the method's weights, and the run directory's
 upkeep: the generators' state, each rank's data position, the finiteness check before a save and
-the pruning of old step checkpoints (`--keep-last`). `Trainer.save` assembles the file."""
+the pruning of old step checkpoints (`--keep-last`), and what one file holds
+(`checkpoint_state`, which `Trainer.save` writes)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,36 @@ from torch import nn
 
 from clipkit.distributed import DistInfo
 from clipkit.run_dir import RunDir
+from clipkit.train.rng import rng_state
+
+
+def checkpoint_state(trainer, positions: list[dict]) -> dict:
+    """Everything a step checkpoint of `trainer` (a `clipkit.train.trainer.Trainer`) holds:
+    config, weights, method and optimizer state, counters, every rank's data position, RNG
+    states, and what the run's evaluations keep (the --keep-best tracker)."""
+    t, state = trainer, trainer.state
+    out = {
+        "config": t.cfg.to_dict(),
+        "model": t.method.model.state_dict(),
+        "method_state": t.method.extra_state(),
+        "optimizer": t.optimizer.state_dict(),
+        "step": state.step,
+        "samples_seen": state.samples_seen,
+        "train_seconds": state.train_seconds,
+        "eval_seconds": state.eval_seconds,
+        "scaler_skipped_steps": state.scaler_skipped_steps,
+        "data_position": positions,
+        "world_size": t.dist.world_size,
+        "workers": t.cfg.data.workers,
+        "rng": rng_state(t.device),
+    }
+    if t.method.teacher is not None:  # its path and hash, never its weights
+        out["teacher"] = t.method.teacher.record()
+    if t.scaler.is_enabled():  # fp16: loss scale and growth tracker, for exact resume
+        out["grad_scaler"] = t.scaler.state_dict()
+    if t.evaluation is not None:
+        out.update(t.evaluation.checkpoint_state())
+    return out
 
 
 def gather_positions(mine: dict, dist: DistInfo) -> list[dict]:

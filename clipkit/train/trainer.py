@@ -1,6 +1,7 @@
 """The one generic training loop. It knows the Method interface and nothing about any method:
 `loss, parts = method(batch)`; backward; clip; optimizer step; `method.after_step`. Read it top to
-bottom: `fit` -> `_train_step` (-> `_backward`, `_optimizer_step`) -> `_log` / `save`. The
+bottom: `fit` -> `_train_step` (-> `_backward`, `_optimizer_step`) -> `_log` / `_evaluate` (what
+`clipkit.train.evaluation` runs, before the step's checkpoint) / `save`. The
 micro-batches of a step (exact or independent accumulation) are `clipkit.train.accumulate`'s;
 fp16's loss scaling is `clipkit.train.precision`'s."""
 
@@ -27,11 +28,11 @@ from clipkit.distributed import DistInfo, all_reduce_mean
 from clipkit.run_dir import RunDir
 from clipkit.train.accumulate import MicroSteps, exact_step, independent_step
 from clipkit.train.bad_data import bad_counts, too_many_bad
+from clipkit.train.evaluation import RunEvaluation
 from clipkit.train.logging import RunLog, log
 from clipkit.train.optim import lr_at, set_lr
 from clipkit.train.precision import autocast, resolve_precision, scaled_step, scaler_record
-from clipkit.train.rng import rng_state
-from clipkit.train.saving import first_non_finite, gather_positions, prune
+from clipkit.train.saving import checkpoint_state, first_non_finite, gather_positions, prune
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
 
@@ -55,6 +56,7 @@ class TrainState:
     nonfinite_steps: int = 0
     scaler_skipped_steps: int = 0  # fp16: steps whose gradients overflowed (no update, counted)
     train_seconds: float = 0.0  # wall-clock of the steps so far (checkpoint writes excluded)
+    eval_seconds: float = 0.0  # wall-clock of the evaluations so far (not in train_seconds)
 
 
 class Trainer:
@@ -69,8 +71,9 @@ class Trainer:
         device: torch.device,
         run_dir: Path,
         state: TrainState,
+        evaluation: RunEvaluation | None = None,
     ):
-        self.cfg, self.method, self.optimizer = cfg, method, optimizer
+        self.cfg, self.method, self.optimizer, self.evaluation = cfg, method, optimizer, evaluation
         self.loader, self.total_steps, self.dist = loader, total_steps, dist
         self.device, self.run_dir, self.state = device, run_dir, state
         self.layout = RunDir(run_dir)
@@ -129,16 +132,13 @@ class Trainer:
                 self.state.train_seconds += time.perf_counter() - t_step
                 window["wait"] += wait
                 window["samples"] += self.global_batch
-                if (
-                    self.state.step % self.cfg.run.log_every == 0
-                    or self.state.step == self.total_steps
-                ):
+                step, last = self.state.step, self.state.step == self.total_steps
+                if step % self.cfg.run.log_every == 0 or last:
                     self._log(parts, window, progress)
                     window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
-                if (
-                    self.state.step % self.cfg.run.save_every == 0
-                    and self.state.step < self.total_steps
-                ):
+                if self.evaluation is not None and self.evaluation.due(step):
+                    window["t0"] += self._evaluate(progress)  # samples/s counts training only
+                if step % self.cfg.run.save_every == 0 and not last:
                     self.save()
                 if self._agree_to_stop():
                     break
@@ -307,6 +307,18 @@ class Trainer:
             progress.refresh()
         self._check_bad_fraction(bad_total, seen)
 
+    def _evaluate(self, progress) -> float:
+        """Run the step's evaluations (every rank), log them, keep best.pt; their seconds."""
+        t0 = time.perf_counter()
+        records = self.evaluation.run(self.method, self.state, progress)
+        for record in records:
+            self.runlog.write(record)
+        if self.evaluation.improved(records, self.state.step):
+            self.save(best=True)
+        elapsed = time.perf_counter() - t0
+        self.state.eval_seconds += elapsed
+        return elapsed
+
     def _bad_counts(self) -> tuple[int, int]:
         """(bad, bad + good) over all ranks."""
         batches, batch_size = self.state.position.batches, self.cfg.data.batch_size
@@ -337,45 +349,38 @@ class Trainer:
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
             "bad_samples": dict(self.state.bad),
+            "eval_seconds": round(self.state.eval_seconds, 3),
             **scaler,
         }
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self) -> Path | None:
+    def save(self, best: bool = False) -> Path | None:
+        """The step's checkpoint (every rank calls it; the main rank writes); `best`: write it
+        as checkpoints/best.pt instead (--keep-best), the step checkpoints untouched."""
         positions = gather_positions(self.state.position.state(), self.dist)
         if not self.dist.is_main:
-            self.saved_step = self.state.step
+            self.saved_step = self.saved_step if best else self.state.step
             return None
         self._check_weights_finite()
-        state = {
-            "config": self.cfg.to_dict(),
-            "model": self.method.model.state_dict(),
-            "method_state": self.method.extra_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.state.step,
-            "samples_seen": self.state.samples_seen,
-            "train_seconds": self.state.train_seconds,
-            "scaler_skipped_steps": self.state.scaler_skipped_steps,
-            "data_position": positions,
-            "world_size": self.dist.world_size,
-            "workers": self.cfg.data.workers,
-            "rng": rng_state(self.device),
-        }
-        if self.method.teacher is not None:  # its path and hash, never its weights
-            state["teacher"] = self.method.teacher.record()
-        if self.scaler.is_enabled():  # fp16: loss scale and growth tracker, for exact resume
-            state["grad_scaler"] = self.scaler.state_dict()
-        step_path = self.layout.step_checkpoint(self.state.step)
-        try:
-            checkpoint.save(state, step_path)
-            checkpoint.link_latest(step_path, self.layout.latest)
-        except OSError as e:  # full disk, quota, read-only: one line, latest.pt stays as it was
-            raise TrainingError(
-                f"cannot write {step_path}: {e.strerror or e}; {self._checkpoint_note()}"
-            ) from None
+        state = checkpoint_state(self, positions)
+        if best:
+            return self._write(state, self.layout.best)
+        step_path = self._write(state, self.layout.step_checkpoint(self.state.step), link=True)
         self.saved_step = self.state.step
         prune(self.layout, self.cfg.run.keep_last)
         return step_path
+
+    def _write(self, state: dict, path: Path, link: bool = False) -> Path:
+        """Write a checkpoint atomically (and point latest.pt at it)."""
+        try:
+            checkpoint.save(state, path)
+            if link:
+                checkpoint.link_latest(path, self.layout.latest)
+        except OSError as e:  # full disk, quota, read-only: one line, latest.pt stays as it was
+            raise TrainingError(
+                f"cannot write {path}: {e.strerror or e}; {self._checkpoint_note()}"
+            ) from None
+        return path
 
     def _checkpoint_note(self) -> str:
         """What a stopped run leaves to continue from, for error messages."""
