@@ -18,6 +18,7 @@ python3 -m venv "$VENV"
 # torch from the wheel this machine keeps on disk (a CPU/CUDA build of the same version as
 # clipkit's venv), so clip-retrieval's open-ended `torch` pin does not fetch another one.
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q "clip-retrieval==$VERSION"
+# clip-anytorch (its `clip` module) imports pkg_resources, which setuptools 81 removed.
+"$VENV/bin/python" -m pip install -q "clip-retrieval==$VERSION" "setuptools<81"
 check || { echo "clip-retrieval installed but does not import:" >&2;
   "$VENV/bin/python" -c "import clip_retrieval.clip_back" >&2; exit 1; }

@@ -9,6 +9,8 @@ import socket
 
 from clipkit.config import ConfigError
 
+BACKLOG = 2048  # uvicorn's default
+
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -19,6 +21,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.listen(BACKLOG)  # from now on connections wait in the backlog until uvicorn accepts
     sock.set_inheritable(True)
     return sock
 
