@@ -24,9 +24,9 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -93,8 +93,8 @@ def query_text(i: int) -> str:
 class Level:
     """One load level: `clients` threads sharing a request budget and a deadline."""
 
-    def __init__(self, port: int, clients: int, queries: int, seconds: float, every: int):
-        self.port, self.clients, self.every = port, clients, every
+    def __init__(self, port, clients, queries, seconds, every, make_body):
+        self.port, self.clients, self.every, self.make_body = port, clients, every, make_body
         self.budget, self.deadline = queries, time.perf_counter() + seconds
         self.lock = threading.Lock()
         self.sent = 0
@@ -196,23 +196,74 @@ def in_process_reference(index: Path, clients: list[int], queries: int) -> list[
     return rows
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_clip_back(index: Path) -> tuple[subprocess.Popen, int] | None:
+    """`clip-retrieval back` on the same index (scripts/bench/clip_back_ref.py), or None when
+    its venv is absent (scripts/setup_reference_retrieval.sh)."""
+    python = ROOT / ".venv-clipretrieval" / "bin" / "python"
+    if not python.is_file():
+        return None
+    port, work = free_port(), ROOT / ".bench" / f"clip-back-{index.name}"
+    cmd = [str(python), str(ROOT / "scripts" / "bench" / "clip_back_ref.py"), str(index)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(ROOT / ".bench" / "clip-back.log", "w")  # noqa: SIM115 (lives with the process)
+    proc = subprocess.Popen([*cmd, str(work), str(port)], stdout=log, stderr=log, env=env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/indices-list")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(2)
+    proc.kill()
+    print(f"clip-retrieval back did not start: see {log.name}", file=sys.stderr)
+    return None
+
+
+def text_body(i: int) -> bytes:
+    return json.dumps({"text": query_text(i), "indice_name": "bench", "num_images": 10}).encode()
+
+
+def embedding_bodies(dim: int, n: int = 256):
+    """clip-retrieval's required fields + a random unit vector as the query."""
+    vectors = np.random.default_rng(1).standard_normal((n, dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    bodies = [
+        json.dumps(
+            {"embedding_input": v.tolist(), "indice_name": "bench", "modality": "image",
+             "num_images": 10, "num_result_ids": 10, "deduplicate": False}
+        ).encode()
+        for v in vectors
+    ]  # fmt: skip
+    return lambda i: bodies[i % n]
+
+
+def run_levels(port: int, clients: list[int], args, make_body, query: str) -> list[dict]:
+    rows = []
+    for c in clients:
+        row = Level(port, c, args.queries, args.seconds, args.malformed_every, make_body).run()
+        rows.append(row | {"query": query})
+    return rows
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vectors", type=int, default=1_000_000)
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--queries", type=int, default=2000, help="Most requests per level.")
-    parser.add_argument("--seconds", type=float, default=60, help="Longest time per level.")
-    parser.add_argument("--malformed-every", type=int, default=10)
-    parser.add_argument("--index-type", default="ivf-flat")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--queue-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1, help="OMP threads of the server.")
-    parser.add_argument("--quick", action="store_true", help="20k vectors, 200 queries, 10 s.")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench-serve.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.vectors, args.queries, args.seconds = 20_000, 200, 10
+    args = parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     index = ROOT / ".bench" / f"serve-index-{args.vectors}-{args.index_type}"
     build = None
@@ -221,45 +272,74 @@ def main() -> None:
         build = build_index(index, args.vectors, 0, args.index_type)
         build["seconds_total"] = round(time.perf_counter() - start, 1)
     report = json.loads((index / "report.json").read_text())
+    by_vector = embedding_bodies(report["dim"])
     proc, port = start_server(index, args)
     try:
-        levels = [
-            Level(port, c, args.queries, args.seconds, args.malformed_every).run() for c in clients
-        ]
+        levels = run_levels(port, clients, args, text_body, "text")
+        levels += run_levels(port, clients, args, by_vector, "embedding")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        exit_code = proc.wait(120)
+        exit_code = stop(proc)
     reference = in_process_reference(index, clients, args.queries)
+    clip_back, started = [], None if args.no_clip_back else start_clip_back(index)
+    if started:
+        try:
+            clip_back = run_levels(started[1], clients, args, by_vector, "embedding")
+        finally:
+            stop(started[0])
     result = {
         "vectors": args.vectors,
         "index": {k: report.get(k) for k in ("index_type", "dim", "ntotal", "recall@10")},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "server_exit_code_after_sigterm": exit_code,
         "levels": levels,
+        "clip_retrieval_back": clip_back,
         "in_process_reference": reference,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_avg": os.getloadavg(),
-            "python": platform.python_version(),
-        },
-        "built_now": build is not None,
+        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "built_now": build,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
 
 
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--queries", type=int, default=1500, help="Most requests per level.")
+    parser.add_argument("--seconds", type=float, default=30, help="Longest time per level.")
+    parser.add_argument("--malformed-every", type=int, default=10)
+    parser.add_argument("--index-type", default="ivf-flat")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--queue-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads of the server.")
+    parser.add_argument("--no-clip-back", action="store_true", help="Skip clip-retrieval back.")
+    parser.add_argument("--quick", action="store_true", help="20k vectors, 200 queries, 10 s.")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench-serve.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.vectors, args.queries, args.seconds = 20_000, 200, 10
+    return args
+
+
 def print_table(result: dict) -> None:
-    print("| clients | queries | p50 ms | p99 ms | queries/s | malformed -> 4xx | server errors |")
-    print("|---|---|---|---|---|---|---|")
-    for row in result["levels"]:
-        print(
-            f"| {row['clients']} | {row['queries']} | {row.get('p50_ms')} | {row.get('p99_ms')} | "
-            f"{row.get('qps')} | {row.get('malformed_4xx', 0)} | {row.get('server_errors', 0)} |"
-        )
+    head = ["server, query, clients", "queries", "p50 ms", "p99 ms", "queries/s"]
+    print("| " + " | ".join(head + ["malformed -> 4xx", "server errors"]) + " |")
+    print("|---" * 7 + "|")
+    for who, rows in (
+        ("clipkit", result["levels"]),
+        ("clip-retrieval back", result["clip_retrieval_back"]),
+    ):
+        for row in rows:
+            cells = [f"{who}, {row['query']}, {row['clients']}", row["queries"], row.get("p50_ms")]
+            cells += [row.get("p99_ms"), row.get("qps"), row.get("malformed_4xx", 0)]
+            print("| " + " | ".join(str(c) for c in [*cells, row.get("server_errors", 0)]) + " |")
     for row in result["in_process_reference"]:
+        cells = [f"in-process, {row['mode']}", row["queries"], row.get("p50_ms")]
         print(
-            f"| in-process, {row['mode']} | {row['queries']} | {row.get('p50_ms')} | "
-            f"{row.get('p99_ms')} | {row.get('qps')} | - | - |"
+            "| "
+            + " | ".join(str(c) for c in [*cells, row.get("p99_ms"), row.get("qps")])
+            + " | - | - |"
         )
 
 

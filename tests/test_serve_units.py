@@ -183,3 +183,20 @@ def test_dedup_keeps_the_best_of_each_near_duplicate_group():
     rows = np.stack([d, a, b, c, 2 * a])  # best first; 2a duplicates a (scale does not matter)
     assert _unique_rows(rows).tolist() == [True, True, False, False, False]
     assert _unique_rows(np.stack([a, d])).tolist() == [True, True]
+
+
+def test_bound_socket_is_tcp_and_a_taken_port_is_a_user_error():
+    """asyncio sets TCP_NODELAY only on sockets that say they are TCP: without it every answer
+    waited ~40 ms (Nagle vs delayed ACK)."""
+    import socket
+
+    from clipkit.config import ConfigError
+    from clipkit.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:"):
+            bind("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()
