@@ -474,13 +474,19 @@ def _open_collections(named: dict[str, str], device: str, allow_mismatch: bool, 
     help="Serve even when an index's checkpoint has changed since it was built.",
 )
 @click.option(
+    "--check",
+    is_flag=True,
+    help="Open the indexes, load their models and bind the port, then exit without serving "
+    "(a dry run for deployment scripts).",
+)
+@click.option(
     "--log-level",
     default="warning",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="uvicorn's log level ('info' also logs every request).",
 )
-def serve(indexes, host, port, device, allow_checkpoint_mismatch, log_level, **kwargs):
+def serve(indexes, host, port, device, allow_checkpoint_mismatch, check, log_level, **kwargs):
     """Serve indexes over HTTP with clip-retrieval's back API, and a search page at /.
 
     \b
@@ -509,5 +515,10 @@ def serve(indexes, host, port, device, allow_checkpoint_mismatch, log_level, **k
     sock = run_guarded(bind, host, port)
     shown = f"[{host}]" if ":" in host else host
     sizes = ", ".join(f"{n} ({c.size} images)" for n, c in collections.items())
-    click.echo(f"serving {sizes} on http://{shown}:{sock.getsockname()[1]}/", err=True)
+    address = f"http://{shown}:{sock.getsockname()[1]}/"
+    if check:
+        sock.close()
+        click.echo(f"ready to serve {sizes} on {address} (--check: not serving)", err=True)
+        return
+    click.echo(f"serving {sizes} on {address}", err=True)
     run_server(create_app(collections, settings), sock, log_level=log_level)
