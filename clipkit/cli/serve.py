@@ -7,7 +7,8 @@ import json
 
 import click
 
-from clipkit.cli.main import fail, run_guarded
+from clipkit.cli.main import fail, run_guarded, stack_options
+from clipkit.cli.options import option_rows
 
 
 def _parse_index_args(values: tuple[str, ...]) -> dict[str, str]:
@@ -48,6 +49,43 @@ def _open_collections(named: dict[str, str], device: str, allow_mismatch: bool, 
     return collections
 
 
+PORT = click.IntRange(0, 65535)
+AT_LEAST_ONE = click.IntRange(min=1)
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
+
+
+def serve_options(fn):
+    """The service's address, limits and switches, as (flag, default, type, help) rows."""
+    rows = [
+        ("--host", "127.0.0.1", None, "Address to listen on."),
+        ("--port", 1234, PORT, "Port (clip-retrieval back's); 0 picks a free one, printed."),
+        ("--workers", 1, AT_LEAST_ONE, "Threads that encode and search queued queries."),
+        ("--max-batch", 32, AT_LEAST_ONE, "Most queued queries one worker takes together."),
+        ("--queue-size", 256, AT_LEAST_ONE, "Most queries waiting; more get HTTP 503 at once."),
+        (
+            "--max-results",
+            1000,
+            AT_LEAST_ONE,
+            "Largest num_images / num_result_ids / /metadata ids of a request (more: 400).",
+        ),
+        (
+            "--inline-images/--no-inline-images",
+            True,
+            None,
+            "Return each result's image inline (base64 'image'), read from the indexed data.",
+        ),
+        (
+            "--file-urls/--no-file-urls",
+            True,
+            None,
+            "Accept file:// image_url queries (files this server can read).",
+        ),
+        ("--device", "auto", None, "auto, cpu, cuda[:N]."),
+        ("--log-level", "warning", LOG_LEVELS, "uvicorn's log level ('info' logs each request)."),
+    ]
+    return stack_options(fn, option_rows(rows))
+
+
 @click.command()
 @click.option(
     "--index",
@@ -57,61 +95,13 @@ def _open_collections(named: dict[str, str], device: str, allow_mismatch: bool, 
     help="Index directory (`retrieve index`) to serve, as DIR (named by its folder) or "
     "NAME=DIR; repeat for several. The first is the default indice_name.",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "--port",
-    default=1234,
-    type=click.IntRange(0, 65535),
-    show_default=True,
-    help="Port (clip-retrieval back's default); 0 picks a free one, printed at start.",
-)
-@click.option(
-    "--workers",
-    default=1,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Threads that encode and search queued queries.",
-)
-@click.option(
-    "--max-batch",
-    default=32,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Most queued queries one worker encodes and searches together.",
-)
-@click.option(
-    "--queue-size",
-    default=256,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Most queries waiting; more get HTTP 503 at once.",
-)
-@click.option(
-    "--max-results",
-    default=1000,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Largest num_images / num_result_ids / /metadata ids a request may ask for (more: 400).",
-)
-@click.option(
-    "--inline-images/--no-inline-images",
-    default=True,
-    show_default=True,
-    help="Return each result's image inline (base64 'image' field), read from the indexed data.",
-)
-@click.option(
-    "--file-urls/--no-file-urls",
-    default=True,
-    show_default=True,
-    help="Accept file:// image_url queries (files this server can read).",
-)
+@serve_options
 @click.option(
     "--cors-origin",
     "cors_origins",
     multiple=True,
     help="Allow web pages from this origin to query the service (e.g. a clip-front); repeatable.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N].")
 @click.option(
     "--allow-checkpoint-mismatch",
     is_flag=True,
@@ -122,13 +112,6 @@ def _open_collections(named: dict[str, str], device: str, allow_mismatch: bool, 
     is_flag=True,
     help="Open the indexes, load their models and bind the port, then exit without serving "
     "(a dry run for deployment scripts).",
-)
-@click.option(
-    "--log-level",
-    default="warning",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="uvicorn's log level ('info' also logs every request).",
 )
 def serve(indexes, host, port, device, allow_checkpoint_mismatch, check, log_level, **kwargs):
     """Serve indexes over HTTP with clip-retrieval's back API, and a search page at /.
