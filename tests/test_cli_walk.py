@@ -146,6 +146,7 @@ def base_invocation(path: tuple, fx: dict, fresh) -> list:
             *eval_common, "--data", demo / "eval", "--out", fresh() / "idx",
         ],
         ("retrieve", "search"): ["--index", fx["index_dir"], "--text", "a red star", "-k", 3],
+        ("retrieve", "serve"): ["--index", fx["index_dir"], "--port", 0, "--check"],
         ("retrieve", "eval"): [
             *eval_common, "--data", demo / "eval", "-o", fresh() / "retrieval.json",
         ],

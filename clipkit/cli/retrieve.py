@@ -342,3 +342,13 @@ def eval_cmd(data, split, ks, output, **kwargs):
     rows += [(f"{name} index", out["index_metrics"][name]) for name in out["metrics"]]
     click.echo(table(rows, f"retrieval on {pairs.root} ({n_img} images, {n_txt} captions)"))
     write_output(output, retrieval_record(loaded, pairs, emb, out, k_list, settings.seed))
+
+
+def _register_serve() -> None:
+    """`retrieve serve` lives in clipkit/cli/serve.py (this file stays small)."""
+    from clipkit.cli.serve import serve
+
+    retrieve.add_command(serve)
+
+
+_register_serve()
