@@ -27,6 +27,14 @@ from timers import timed
 SPENT: dict[str, float] = {}
 
 
+def accuracy(output, target, topk=(1,)):
+    """open_clip_train 3.3.0's `accuracy` with `.item()`: its `float()` of a 1-element array
+    fails under numpy >= 2.4. The same counts, the same cost."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() for k in topk]
+
+
 def main() -> None:
     model_name, imagenet = sys.argv[1], sys.argv[2]
     batch, workers, threads, rounds, templates = map(int, sys.argv[3:8])
@@ -35,6 +43,7 @@ def main() -> None:
         zero_shot_module.OPENAI_IMAGENET_TEMPLATES = zero_shot_module.OPENAI_IMAGENET_TEMPLATES[
             :templates
         ]
+    zero_shot_module.accuracy = accuracy
     zero_shot_module.build_zero_shot_classifier = timed(
         SPENT, "class_embeddings", zero_shot_module.build_zero_shot_classifier
     )
