@@ -97,11 +97,11 @@ def index_options(fn):
     return stack_options(fn, option_rows(rows))
 
 
-def data_options(fn):
+def data_options(fn, required: bool = True):
     options = [
         click.option(
             "--data",
-            required=True,
+            required=required,
             help="Captioned data: img2dataset shards (a .tar or a folder of them), "
             "DIR/{split}/*.tar (CLIP_benchmark retrieval), or a folder of images + .txt files.",
         ),
@@ -134,9 +134,72 @@ def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: st
     return loaded, pairs, emb
 
 
+@retrieve.command()
+@model_options
+@click.option(
+    "--data",
+    required=True,
+    help="img2dataset shards: a .tar, a folder of them, or DIR/{split}/*.tar.",
+)
+@click.option("--split", default="test", show_default=True, help="Split folder, if --data has one.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Embedding folder (img_emb/, text_emb/, metadata/). Rerun with the same --out to "
+    "resume: complete parts are kept.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Type of the written embeddings (computed in float32).",
+)
+@functools.partial(stack_options, options=loader_options())
+def embed(data, split, out, dtype, **kwargs):
+    """Embed images and captions of shards into clip-retrieval's layout, one part per shard.
+
+    \b
+    Spread over processes / GPUs / nodes with torchrun (shard i goes to rank i % world):
+      torchrun --nproc_per_node 2 -m clipkit retrieve embed --checkpoint runs/demo \\
+          --data demo_data/eval --out emb
+    Each part is written atomically; a killed job rerun with the same --out skips finished
+    parts. Then: clipkit retrieve index --embeddings emb --out idx"""
+    from pathlib import Path
+
+    from clipkit.eval.embed_parts import EmbedJob, collection_shards, embed_collection
+
+    source = pick(ModelSource, kwargs)
+    reading, device = pick_loading(kwargs)
+    shards = run_guarded(collection_shards, data, split)
+    loaded, dev = load_for_eval(source, device)
+    job = EmbedJob([str(Path(s).resolve()) for s in shards], Path(out), dtype, reading)
+    counts = run_guarded(embed_collection, loaded, job, dev)
+    if counts is not None and _is_main_process():
+        click.echo(
+            f"embeddings: {out}  ({counts['parts']} parts: {counts['written']} written, "
+            f"{counts['skipped']} already complete; {counts['images']} images embedded in "
+            f"{counts['seconds']:.1f}s)"
+        )
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 @retrieve.command(name="index")
 @model_options
-@data_options
+@functools.partial(data_options, required=False)
+@click.option(
+    "--embeddings",
+    type=click.Path(file_okay=False),
+    help="Build from an embedding folder (`retrieve embed`) instead of --data: parts are read "
+    "memory-mapped, one at a time; beyond --max-memory the IVF lists go to disk "
+    "(image.ivfdata). The model is the one the folder records.",
+)
 @index_options
 @click.option("--out", required=True, type=click.Path(), help="Index directory to write.")
 @click.option(
@@ -146,12 +209,24 @@ def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: st
     "ever replaced).",
 )
 @guarded
-def index_cmd(data, split, out, overwrite, **kwargs):
-    """Embed images and captions, build and tune a FAISS index, write it with its metadata."""
+def index_cmd(data, split, embeddings, out, overwrite, **kwargs):
+    """Embed images and captions (--data) or read embeddings (--embeddings), build and tune a
+    FAISS index, write it with its metadata."""
     from clipkit.eval.retrieval import build_index_dir, guard_index_out
 
     settings = IndexSettings.from_kwargs(kwargs)
     source = pick(ModelSource, kwargs)
+    if (data is None) == (embeddings is None):
+        fail("give exactly one of --data or --embeddings")
+    if embeddings is not None:
+        if any(source.flags().values()):
+            fail("--embeddings records its model; drop --checkpoint / --model / --pretrained")
+        from clipkit.eval.parts_index import index_from_embeddings
+
+        report = run_guarded(
+            index_from_embeddings, embeddings, out, **settings.build_args(), overwrite=overwrite
+        )
+        return _report_index(out, report, settings)
     run_guarded(guard_index_out, out, source.flags(), data, overwrite)  # before the work, not after
     loaded, pairs, emb = _embed(source, data, split, *pick_loading(kwargs))
     report = run_guarded(
@@ -163,12 +238,17 @@ def index_cmd(data, split, out, overwrite, **kwargs):
         overwrite=overwrite,
         data_root=pairs.root,
     )
+    _report_index(out, report, settings)
+
+
+def _report_index(out, report: dict, settings: IndexSettings) -> None:
     k = report["k"]
     click.echo(
         f"index: {out}  ({report['index_type']}, {report['ntotal']} images x {report['dim']} "
         f"dims, {report['size_bytes']:,} bytes, built in {report['build_seconds']:.2f}s)\n"
         f"  recall@{k} vs exact: {report[f'recall@{k}']:.4f} (target {settings.target_recall}, "
         f"queries: {report['tuning_queries']}); median query {report['median_query_ms']:.3f} ms"
+        + ("\n  inverted lists on disk: image.ivfdata" if report.get("on_disk_lists") else "")
     )
     _warn_shortfall(report, settings.max_memory)
 
