@@ -168,10 +168,16 @@ def embed(data, split, out, dtype, **kwargs):
     parts. Then: clipkit retrieve index --embeddings emb --out idx"""
     from pathlib import Path
 
-    from clipkit.eval.embed_parts import EmbedJob, collection_shards, embed_collection
+    from clipkit.eval.embed_parts import (
+        EmbedJob,
+        collection_shards,
+        embed_collection,
+        guard_embed_out,
+    )
 
     source = pick(ModelSource, kwargs)
     reading, device = pick_loading(kwargs)
+    run_guarded(guard_embed_out, out, source.flags(), data)
     shards = run_guarded(collection_shards, data, split)
     loaded, dev = load_for_eval(source, device)
     job = EmbedJob([str(Path(s).resolve()) for s in shards], Path(out), dtype, reading)

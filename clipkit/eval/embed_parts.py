@@ -30,7 +30,15 @@ from clipkit.data.eval_pairs import collate_pairs, split_captions
 from clipkit.distributed import DistInfo
 from clipkit.eval import LoaderSettings
 from clipkit.eval.embed import check_skipped, embed_loader, encode_texts, make_loader
-from clipkit.fileio import atomic_write_bytes, output_kind, write_marker
+from clipkit.fileio import (
+    OutputError,
+    atomic_write_bytes,
+    check_not_input,
+    check_writable,
+    output_kind,
+    write_marker,
+    writing,
+)
 from clipkit.index.parts import PartFiles, part_label, write_part
 
 log = logging.getLogger(__name__)
@@ -91,19 +99,42 @@ def prepare_out(job: EmbedJob, model_info: dict) -> None:
     """Check `job.out` (new, empty, or an embedding folder of the same model, shards and dtype:
     a resume) and record the model and the job there. Rank 0 only."""
     out, record = job.out, {"shards": job.shards, "dtype": job.dtype}
+    with writing(out):
+        if _check_out_kind(out):
+            _check_resume(out, model_info, record)
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, EMBED_KIND)
+        shutil.rmtree(out / _PROGRESS, ignore_errors=True)  # counts of an earlier (killed) run
+        atomic_write_bytes(out / "model.json", (json.dumps(model_info, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "embed.json", (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _check_out_kind(out: Path) -> bool:
+    """Whether `out` holds earlier embeddings (a resume); refuses anything but a new or empty
+    folder or an embedding folder."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if output_kind(out) != EMBED_KIND:
-            raise ConfigError(
-                f"--out {out} is not empty and is not an embedding folder; choose another --out"
-            )
-        _check_resume(out, model_info, record)
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, EMBED_KIND)
-    shutil.rmtree(out / _PROGRESS, ignore_errors=True)  # counts of an earlier (killed) run
-    atomic_write_bytes(out / "model.json", (json.dumps(model_info, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "embed.json", (json.dumps(record, indent=2) + "\n").encode())
+        raise OutputError(f"--out {out} is a file; give a folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        return False
+    if output_kind(out) != EMBED_KIND:
+        raise OutputError(
+            f"--out {out} is not empty and is not an embedding folder; choose another --out"
+        )
+    return True
+
+
+def guard_embed_out(out: str | Path, source: dict, data: str) -> Path:
+    """Check `--out` before any work: not an input (the model's files, the shards), a new or
+    empty folder or an earlier embedding folder, in a writable place."""
+    from clipkit.data.sources import local_paths
+    from clipkit.eval.loading import model_inputs
+
+    out = Path(out)
+    with writing(out):
+        check_not_input(out, model_inputs(source) + local_paths(data), folder=True)
+        _check_out_kind(out)
+    check_writable(out)
+    return out
 
 
 def _check_resume(out: Path, model_info: dict, record: dict) -> None:
@@ -272,7 +303,7 @@ def embed_collection(loaded, job: EmbedJob, device: torch.device) -> dict:
         if info.is_main:
             try:
                 prepare_out(job, model_record(loaded, device))
-            except ConfigError as e:
+            except (ConfigError, OutputError) as e:  # user errors: every rank stops with one line
                 failure = str(e)
         failure = gather(failure, info)[0]  # every rank learns whether rank 0 refused
         if failure:
