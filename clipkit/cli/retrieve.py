@@ -26,6 +26,7 @@ from clipkit.cli.options import (
     pick_loading,
     write_output,
 )
+from clipkit.cli.retrieve_embed import embed
 from clipkit.eval import LoaderSettings
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
@@ -124,6 +125,9 @@ def retrieve():
     """
 
 
+retrieve.add_command(embed)  # `retrieve embed` lives in its own module (clipkit.cli.retrieve_embed)
+
+
 def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: str):
     from clipkit.data.eval_pairs import paired_set
     from clipkit.eval.retrieval import embed_pairs
@@ -132,68 +136,6 @@ def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: st
     pairs = run_guarded(paired_set, data, loaded.preprocess, split)
     emb = run_guarded(embed_pairs, loaded, pairs, dev, reading)
     return loaded, pairs, emb
-
-
-@retrieve.command()
-@model_options
-@click.option(
-    "--data",
-    required=True,
-    help="img2dataset shards: a .tar, a folder of them, or DIR/{split}/*.tar.",
-)
-@click.option("--split", default="test", show_default=True, help="Split folder, if --data has one.")
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Embedding folder (img_emb/, text_emb/, metadata/). Rerun with the same --out to "
-    "resume: complete parts are kept.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float16", "float32"]),
-    default="float16",
-    show_default=True,
-    help="Type of the written embeddings (computed in float32).",
-)
-@functools.partial(stack_options, options=loader_options())
-def embed(data, split, out, dtype, **kwargs):
-    """Embed images and captions of shards into clip-retrieval's layout, one part per shard.
-
-    \b
-    Spread over processes / GPUs / nodes with torchrun (shard i goes to rank i % world):
-      torchrun --nproc_per_node 2 -m clipkit retrieve embed --checkpoint runs/demo \\
-          --data demo_data/eval --out emb
-    Each part is written atomically; a killed job rerun with the same --out skips finished
-    parts. Then: clipkit retrieve index --embeddings emb --out idx"""
-    from pathlib import Path
-
-    from clipkit.eval.embed_parts import (
-        EmbedJob,
-        collection_shards,
-        embed_collection,
-        guard_embed_out,
-    )
-
-    source = pick(ModelSource, kwargs)
-    reading, device = pick_loading(kwargs)
-    run_guarded(guard_embed_out, out, source.flags(), data)
-    shards = run_guarded(collection_shards, data, split)
-    loaded, dev = load_for_eval(source, device)
-    job = EmbedJob([str(Path(s).resolve()) for s in shards], Path(out), dtype, reading)
-    counts = run_guarded(embed_collection, loaded, job, dev)
-    if counts is not None and _is_main_process():
-        click.echo(
-            f"embeddings: {out}  ({counts['parts']} parts: {counts['written']} written, "
-            f"{counts['skipped']} already complete; {counts['images']} images embedded in "
-            f"{counts['seconds']:.1f}s)"
-        )
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 @retrieve.command(name="index")

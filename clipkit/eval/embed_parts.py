@@ -191,11 +191,12 @@ class RankProgress:
             self.bar.update(self._all_ranks()[0] - self.bar.n)
 
     def finish(self) -> None:
-        """Say this rank is done; rank 0 keeps its bar going until every rank is."""
+        """Say this rank is done and wait for every rank (rank 0's bar going meanwhile): the
+        waiting is here, not in a collective, whose timeout a long imbalance would exceed."""
         atomic_write_bytes(self.folder / f"rank{self.info.rank}", f"{self.count} done".encode())
-        while self.info.is_main:
+        while True:
             total, finished = self._all_ranks()
-            self.bar.update(total - self.bar.n)
+            self.bar.update(total - self.bar.n)  # a no-op on the other ranks (disabled bar)
             if finished >= self.info.world_size:
                 break
             time.sleep(0.5)
@@ -220,6 +221,9 @@ def embed_shard(loaded, shard: str, device: torch.device, reading: LoaderSetting
     part = embed_loader(
         loaded.model, loader, device, fields=("key", "captions", "json"), bar=counted
     )
+    if len(part) == 0 and part.skipped.count == 0:  # an empty shard: an empty part
+        empty = torch.zeros(0, model_record(loaded, device)["embed_dim"])
+        return empty, empty, []
     check_skipped(part.skipped, len(part), reading.max_bad_fraction, shard)
     firsts = [caps[0] if caps else "" for caps in part.rows["captions"]]
     texts = encode_texts(loaded.model, loaded.tokenizer, firsts, device)

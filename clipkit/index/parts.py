@@ -137,7 +137,8 @@ class EmbeddingParts:
         """(first global row, float32 rows) of every part in turn; one part in memory at once."""
         read = self.images if which == "image" else self.texts
         for i, start in enumerate(self.offsets()):
-            yield start, np.ascontiguousarray(read(i), dtype=np.float32)
+            if self.counts[i]:  # an empty shard's part holds no rows
+                yield start, np.ascontiguousarray(read(i), dtype=np.float32)
 
     def sample(self, n: int, seed: int, which: str = "image") -> np.ndarray:
         """A seeded random sample of `n` rows (all rows when fewer), float32, read from the
