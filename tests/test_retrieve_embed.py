@@ -128,3 +128,29 @@ def test_refuses_other_model_on_resume(one_process, demo_root, tmp_path):
     assert res.returncode == 2
     assert "random weights cannot resume" in res.stderr
     assert sorted(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()) == before
+
+
+def test_empty_shard_gives_empty_part_and_indexes(tiny_checkpoint, demo_root, tmp_path):
+    """A shard with no samples (img2dataset writes them when every download failed) becomes an
+    empty part; `retrieve index --embeddings` indexes the others (in-process CLI)."""
+    import shutil
+    import tarfile
+
+    from click.testing import CliRunner
+
+    from clipkit.cli.main import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sorted((demo_root / "train").glob("*.tar"))[0], data / "a.tar")
+    tarfile.open(data / "b.tar", "w").close()
+    out, idx = tmp_path / "emb", tmp_path / "idx"
+    runner = CliRunner()
+    res = runner.invoke(cli, _embed_cmd(tiny_checkpoint, data, out)[3:])
+    assert res.exit_code == 0, res.output
+    images, texts, metadata = _contents(out)
+    assert [len(m) for m in metadata] == [128, 0] and images[1].shape == (0, 32)
+    res = runner.invoke(cli, ["retrieve", "index", "--embeddings", str(out), "--out", str(idx)])
+    assert res.exit_code == 0, res.output
+    lines = (idx / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == [m["key"] for m in metadata[0]]
