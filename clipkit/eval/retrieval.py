@@ -3,8 +3,11 @@ and build / query index directories (clip-retrieval's embed + autofaiss index, i
 
 An index directory holds:
     image.index            FAISS index of the image embeddings (ids = row numbers)
+    image.ivfdata          its inverted lists on disk, when built out of core from an embedding
+                           folder (`clipkit.eval.parts_index`)
     metadata.jsonl         one line per row: row, key, caption(s), source shard / file
-    image_embeddings.npy   the embeddings the index holds (re-indexing, exact checks)
+    image_embeddings.npy   the embeddings the index holds (re-indexing, exact checks); not
+                           written from an embedding folder, which holds them already
     model.json             how to load the model again to embed queries, and its embed dim
     report.json            index type, size, build time, recall@10 vs exact, median latency
     .clipkit-output        marker: only such a folder is ever replaced (`--overwrite`)
