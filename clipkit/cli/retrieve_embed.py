@@ -64,7 +64,12 @@ def embed(data, split, out, dtype, **kwargs):
     reading, device = pick_loading(kwargs)
     run_guarded(guard_embed_out, out, source.flags(), data)
     shards = run_guarded(collection_shards, data, split)
-    loaded, dev = load_for_eval(source, device)
+    from clipkit.devices import pick_device
+    from clipkit.distributed import env_info
+
+    # under torchrun, plain `cuda` (or auto) is this process's local GPU, as in training
+    local = run_guarded(pick_device, device, env_info())
+    loaded, dev = load_for_eval(source, str(local))
     job = EmbedJob([str(Path(s).resolve()) for s in shards], Path(out), dtype, reading)
     counts = run_guarded(embed_collection, loaded, job, dev)
     if counts is not None and _is_main_process():
