@@ -145,6 +145,9 @@ def base_invocation(path: tuple, fx: dict, fresh) -> list:
         ("retrieve", "index"): [
             *eval_common, "--data", demo / "eval", "--out", fresh() / "idx",
         ],
+        ("retrieve", "embed"): [
+            *eval_common, "--data", demo / "eval", "--out", fresh() / "emb",
+        ],
         ("retrieve", "search"): ["--index", fx["index_dir"], "--text", "a red star", "-k", 3],
         ("retrieve", "serve"): ["--index", fx["index_dir"], "--port", 0, "--check"],
         ("retrieve", "eval"): [

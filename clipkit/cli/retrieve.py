@@ -26,6 +26,7 @@ from clipkit.cli.options import (
     pick_loading,
     write_output,
 )
+from clipkit.cli.retrieve_embed import embed
 from clipkit.eval import LoaderSettings
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
@@ -97,11 +98,11 @@ def index_options(fn):
     return stack_options(fn, option_rows(rows))
 
 
-def data_options(fn):
+def data_options(fn, required: bool = True):
     options = [
         click.option(
             "--data",
-            required=True,
+            required=required,
             help="Captioned data: img2dataset shards (a .tar or a folder of them), "
             "DIR/{split}/*.tar (CLIP_benchmark retrieval), or a folder of images + .txt files.",
         ),
@@ -124,6 +125,9 @@ def retrieve():
     """
 
 
+retrieve.add_command(embed)  # `retrieve embed` lives in its own module (clipkit.cli.retrieve_embed)
+
+
 def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: str):
     from clipkit.data.eval_pairs import paired_set
     from clipkit.eval.retrieval import embed_pairs
@@ -136,7 +140,14 @@ def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: st
 
 @retrieve.command(name="index")
 @model_options
-@data_options
+@functools.partial(data_options, required=False)
+@click.option(
+    "--embeddings",
+    type=click.Path(file_okay=False),
+    help="Build from an embedding folder (`retrieve embed`) instead of --data: parts are read "
+    "memory-mapped, one at a time; beyond --max-memory the IVF lists go to disk "
+    "(image.ivfdata). The model is the one the folder records.",
+)
 @index_options
 @click.option("--out", required=True, type=click.Path(), help="Index directory to write.")
 @click.option(
@@ -146,12 +157,24 @@ def _embed(source: ModelSource, data, split, reading: LoaderSettings, device: st
     "ever replaced).",
 )
 @guarded
-def index_cmd(data, split, out, overwrite, **kwargs):
-    """Embed images and captions, build and tune a FAISS index, write it with its metadata."""
+def index_cmd(data, split, embeddings, out, overwrite, **kwargs):
+    """Embed images and captions (--data) or read embeddings (--embeddings), build and tune a
+    FAISS index, write it with its metadata."""
     from clipkit.eval.retrieval import build_index_dir, guard_index_out
 
     settings = IndexSettings.from_kwargs(kwargs)
     source = pick(ModelSource, kwargs)
+    if (data is None) == (embeddings is None):
+        fail("give exactly one of --data or --embeddings")
+    if embeddings is not None:
+        if any(source.flags().values()):
+            fail("--embeddings records its model; drop --checkpoint / --model / --pretrained")
+        from clipkit.eval.parts_index import index_from_embeddings
+
+        report = run_guarded(
+            index_from_embeddings, embeddings, out, **settings.build_args(), overwrite=overwrite
+        )
+        return _report_index(out, report, settings)
     run_guarded(guard_index_out, out, source.flags(), data, overwrite)  # before the work, not after
     loaded, pairs, emb = _embed(source, data, split, *pick_loading(kwargs))
     report = run_guarded(
@@ -163,12 +186,17 @@ def index_cmd(data, split, out, overwrite, **kwargs):
         overwrite=overwrite,
         data_root=pairs.root,
     )
+    _report_index(out, report, settings)
+
+
+def _report_index(out, report: dict, settings: IndexSettings) -> None:
     k = report["k"]
     click.echo(
         f"index: {out}  ({report['index_type']}, {report['ntotal']} images x {report['dim']} "
         f"dims, {report['size_bytes']:,} bytes, built in {report['build_seconds']:.2f}s)\n"
         f"  recall@{k} vs exact: {report[f'recall@{k}']:.4f} (target {settings.target_recall}, "
         f"queries: {report['tuning_queries']}); median query {report['median_query_ms']:.3f} ms"
+        + ("\n  inverted lists on disk: image.ivfdata" if report.get("on_disk_lists") else "")
     )
     _warn_shortfall(report, settings.max_memory)
 

@@ -3,8 +3,11 @@ and build / query index directories (clip-retrieval's embed + autofaiss index, i
 
 An index directory holds:
     image.index            FAISS index of the image embeddings (ids = row numbers)
+    image.ivfdata          its inverted lists on disk, when built out of core from an embedding
+                           folder (`clipkit.eval.parts_index`)
     metadata.jsonl         one line per row: row, key, caption(s), source shard / file
-    image_embeddings.npy   the embeddings the index holds (re-indexing, exact checks)
+    image_embeddings.npy   the embeddings the index holds (re-indexing, exact checks); not
+                           written from an embedding folder, which holds them already
     model.json             how to load the model again to embed queries, and its embed dim
     report.json            index type, size, build time, recall@10 vs exact, median latency
     .clipkit-output        marker: only such a folder is ever replaced (`--overwrite`)
@@ -139,6 +142,13 @@ def _build(
     tuning = faiss_index.tune_index(
         built, vectors, target_recall, k=k, seed=seed, queries=use_queries
     )
+    return built, build_report(built, choice, seconds, tuning)
+
+
+def build_report(built, choice, seconds: float, tuning: dict) -> dict:
+    """What report.json says of a built and tuned index (without its file size)."""
+    from clipkit import index as faiss_index
+
     report = faiss_index.index_report(
         built, factory=choice.factory, build_seconds=seconds, tuning=tuning
     )
@@ -147,9 +157,9 @@ def _build(
         reason=choice.reason,
         tuning_queries=tuning["queries"],
         reached_target=tuning["reached"],
-        k=k,
+        k=tuning["k"],
     )
-    return built, report
+    return report
 
 
 def evaluate_retrieval(
@@ -221,15 +231,19 @@ def build_index_dir(
             "sha256": loaded.sha256,
             "embed_dim": int(images.shape[1]),
         }
-        (tmp / "model.json").write_text(json.dumps(model_info, indent=2) + "\n")
+        write_json(tmp / "model.json", model_info)
         report.update(
             num_images=len(images),
             num_captions=len(texts),
             data=data_root,
             skipped_images=emb.skipped.count,
         )
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(tmp / "report.json", report)
     return report
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def guard_index_out(out: str | Path, source: dict, data: str, overwrite: bool) -> Path:
@@ -281,7 +295,7 @@ def _damaged(path: Path, what: str) -> IndexDirError:
     )
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -307,7 +321,7 @@ def _read_metadata(path: Path) -> list[dict]:
     return rows
 
 
-def _check_model_info(info: Any, path: Path) -> dict:
+def check_model_info(info: Any, path: Path) -> dict:
     """model.json must say how to load the model again and what it embeds into."""
     ok = (
         isinstance(info, dict)
@@ -332,7 +346,7 @@ def open_index_dir(path: str | Path) -> IndexDir:
             f"{path} is not a clipkit index directory (expected {', '.join(needed)}; build one "
             "with `clipkit retrieve index`)"
         )
-    model_info = _check_model_info(_read_json(path / "model.json"), path / "model.json")
+    model_info = check_model_info(read_json(path / "model.json"), path / "model.json")
     metadata = _read_metadata(path / "metadata.jsonl")
     try:
         index = faiss_index.load_index(path / "image.index")
@@ -351,7 +365,7 @@ def open_index_dir(path: str | Path) -> IndexDir:
     report = {}
     if (path / "report.json").is_file():  # informative only: a damaged one does not block search
         try:
-            report = _read_json(path / "report.json")
+            report = read_json(path / "report.json")
         except IndexDirError as e:
             log.warning("%s", e)
     return IndexDir(path, index, metadata, model_info, report)

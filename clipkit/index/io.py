@@ -40,14 +40,17 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no index file at {path}")
+    # On-disk inverted lists (`clipkit.index.ondisk`) are found beside the index file, wherever
+    # the folder has been moved since it was written.
+    same_dir = faiss.IO_FLAG_ONDISK_SAME_DIR
     if mmap:
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY | same_dir
         try:
             return faiss.read_index(str(path), flags)
         except RuntimeError as e:  # an index type faiss cannot map: read it into memory
             log.debug("faiss cannot memory-map %s (%s); reading it into memory", path, e)
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), same_dir)
     except (RuntimeError, MemoryError) as e:  # MemoryError: a corrupt size field
         raise IndexFileError(f"{path} is not a readable faiss index ({_faiss_reason(e)})") from None
 

@@ -126,6 +126,7 @@ def tune_index(
     queries: Any = None,
     query_noise: float = 0.1,
     max_latency_ms: float | None = None,
+    truth: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Raise nprobe (IVF) or efSearch (HNSW) until k-recall@k against brute force >= target.
 
@@ -135,15 +136,21 @@ def tune_index(
     The sweep doubles the value until it reaches `target_recall`, then bisects between the last
     two values for the smallest one that does; if none does (or the next value's batched
     per-query time exceeds `max_latency_ms`), the best recall seen is chosen.
+    With `truth` (the exact top-k ids of `queries`, e.g. from `ondisk.exact_neighbours` for a
+    collection that is never in memory at once) `vectors` may be None.
     The index is left set to the chosen value. Latencies: batched search time / queries, and
     the median of single-query searches over up to 100 queries.
     """
-    x = _held_vectors(index, vectors)
     k = min(k, int(index.ntotal))
-    q = _tuning_queries(x, queries, n_queries, seed, query_noise)
+    if truth is None:
+        x = _held_vectors(index, vectors)
+        q = _tuning_queries(x, queries, n_queries, seed, query_noise)
+    else:
+        q, truth = _as_matrix(queries), truth[:, :k]
     if q.shape[1] != index.d:
         raise IndexMismatchError(f"queries have dimension {q.shape[1]}, the index {index.d}")
-    _, truth = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) exact
+    if truth is None:
+        _, truth = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) exact
     name, values = _search_knob(index, k)
     space = _param_space()
 
