@@ -131,6 +131,11 @@ def test_index_cli_from_embeddings(collection, tmp_path):
     assert ids[0, 0] == 123 and scores[0, 0] == pytest.approx(1.0, abs=0.02)
     reloaded = load_index(moved / "image.index")
     assert reloaded.ntotal == N
+    # `retrieve serve` deduplicates with the index's rows, read back from the parts it names
+    from clipkit.serve.collection import _row_reader
+
+    ids = np.array([23_999, 5, 4_000, 5, 12_345])
+    np.testing.assert_array_equal(_row_reader(idx)(ids), x[ids])
 
 
 def test_index_cli_refuses_both_inputs(collection, tmp_path):

@@ -140,6 +140,18 @@ class EmbeddingParts:
             if self.counts[i]:  # an empty shard's part holds no rows
                 yield start, np.ascontiguousarray(read(i), dtype=np.float32)
 
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The image rows with these global numbers, in the order given, float32 (read from the
+        memory-mapped parts they fall in)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        part = np.searchsorted(np.cumsum(self.counts), ids, side="right")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        starts = self.offsets()
+        for i in np.unique(part):
+            mine = part == i
+            out[mine] = self.images(int(i))[ids[mine] - starts[i]]
+        return out
+
     def sample(self, n: int, seed: int, which: str = "image") -> np.ndarray:
         """A seeded random sample of `n` rows (all rows when fewer), float32, read from the
         memory-mapped parts part by part (never the whole collection)."""

@@ -5,12 +5,14 @@ back returns: {"id", "similarity", "caption", "url" / "image", ...}."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from clipkit.eval.retrieval import IndexDir
+from clipkit.index.parts import EmbeddingParts
 from clipkit.serve.images import ImageStore
 from clipkit.serve.query import BadRequest
 from clipkit.serve.worker import Encoder
@@ -27,15 +29,13 @@ class Collection:
     encoder: Encoder
     inline_images: bool = True
     images: ImageStore = field(default_factory=ImageStore)
-    embeddings: np.ndarray | None = None  # memory-mapped image_embeddings.npy, when present
+    # the image embeddings of given rows (for deduplication): image_embeddings.npy, or the
+    # embedding parts an index built with --embeddings names; None when neither is there
+    embeddings: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
     def open(cls, name: str, index_dir: IndexDir, encoder: Encoder, **kwargs) -> Collection:
-        path = index_dir.path / "image_embeddings.npy"
-        embeddings = np.load(path, mmap_mode="r") if path.is_file() else None
-        if embeddings is not None and embeddings.shape[0] != index_dir.index.ntotal:
-            embeddings = None  # not the index's rows: deduplication is then unavailable
-        return cls(name, index_dir, encoder, embeddings=embeddings, **kwargs)
+        return cls(name, index_dir, encoder, embeddings=_row_reader(index_dir), **kwargs)
 
     @property
     def size(self) -> int:
@@ -76,7 +76,7 @@ class Collection:
         keep = ids >= 0
         scores, ids = scores[keep], ids[keep]
         if deduplicate and self.embeddings is not None and len(ids) > 1:
-            keep = _unique_rows(np.asarray(self.embeddings[ids], dtype=np.float32))
+            keep = _unique_rows(self.embeddings(ids))
             scores, ids = scores[keep], ids[keep]
         out = []
         for rank, (score, row) in enumerate(zip(scores, ids, strict=True)):
@@ -124,3 +124,21 @@ def _unique_rows(vectors: np.ndarray) -> np.ndarray:
         if a != b:
             group[max(a, b)] = min(a, b)
     return np.array([root(i) == i for i in range(len(vectors))])
+
+
+def _row_reader(index_dir: IndexDir) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Where the index's image rows can be read back, memory-mapped; None (no deduplication)
+    when the stored rows are missing or are not the index's."""
+    total = index_dir.index.ntotal
+    path = index_dir.path / "image_embeddings.npy"
+    if path.is_file():
+        stored = np.load(path, mmap_mode="r")
+        if stored.shape[0] == total:
+            return lambda ids: np.asarray(stored[ids], dtype=np.float32)
+        return None
+    folder = index_dir.report.get("embeddings")
+    try:
+        parts = EmbeddingParts.open(folder) if folder else None
+    except (OSError, ValueError):
+        return None
+    return parts.rows if parts is not None and parts.total == total else None
