@@ -26,7 +26,7 @@ COMMANDS = {
     "retrieve": (
         "clipkit.cli.retrieve",
         "retrieve",
-        "FAISS index: build, search, evaluate retrieval.",
+        "Retrieval: embed a collection, build a FAISS index, search, evaluate, serve over HTTP.",
     ),
     "probe": ("clipkit.cli.probe", "probe", "Linear probe on frozen image features."),
     "export": (
@@ -34,7 +34,11 @@ COMMANDS = {
         "export",
         "Export a checkpoint to an open_clip local-dir folder.",
     ),
-    "data": ("clipkit.cli.data", "data", "Datasets: write the built-in demo data."),
+    "data": (
+        "clipkit.cli.data",
+        "data",
+        "Datasets: pack your own images and captions into shards, or write the demo data.",
+    ),
     "models": ("clipkit.cli.models", "models", "List model names and presets, or describe one."),
     "inspect": ("clipkit.cli.inspect", "inspect", "Pictures of what a model does (A-CLIP masks)."),
 }
