@@ -39,7 +39,7 @@ BUDGETS = {
     "data": (50, 20),
     "bf16": (100, 60),
     "fp16": (70, 35),
-    "resume": (90, 45),
+    "resume": (90, 75),
     "methods": (80, 30),
     "index": (50, 15),
     "zeroshot": (40, 25),
@@ -60,6 +60,9 @@ def run_child(name: str, args, work: Path, budget: float) -> dict:
     cmd = [sys.executable, __file__, "--step", name, "--out", str(args.out)]
     cmd += ["--dry-run"] if args.dry_run else []
     log = work / f"{name}.step.log"
+    result_file, error_file = work / f"{name}.json", work / f"{name}.error"
+    result_file.unlink(missing_ok=True)  # left by an earlier run of the check
+    error_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -70,7 +73,6 @@ def run_child(name: str, args, work: Path, budget: float) -> dict:
             proc.wait()
             code = None
     seconds = time.perf_counter() - t0
-    result_file = work / f"{name}.json"
     if code == 0 and result_file.exists():
         return {
             "ok": True,
@@ -79,7 +81,7 @@ def run_child(name: str, args, work: Path, budget: float) -> dict:
             **json.loads(result_file.read_text()),
         }
     error = f"over its {budget:.0f} s limit" if code is None else f"exit {code}"
-    tail = log.read_text()[-1500:]
+    tail = (error_file if error_file.exists() else log).read_text()[-1500:]
     return {"ok": False, "seconds": seconds, "budget_s": budget, "error": f"{error}: {tail}"}
 
 
@@ -128,8 +130,7 @@ def main() -> int:
     work = Path(args.out).resolve()
     args.out = str(work)
     if args.step:
-        run_step(args.step, args.dry_run, work)
-        return 0
+        return run_step(args.step, args.dry_run, work)
     names = [n.strip() for n in args.steps.split(",") if n.strip()]
     unknown = sorted(set(names) - set(STEPS))
     if unknown:

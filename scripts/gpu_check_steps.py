@@ -113,7 +113,7 @@ def steady_rate(records: list[dict], batch: int) -> dict:
 
 
 def train(s: dict, work: Path, precision: str, steps: int) -> tuple[dict, list[dict]]:
-    out = work / f"train-{precision}"
+    out = fresh(work / f"train-{precision}")
     cmd = [PY, *pretrain_cmd(s, work, out, precision, steps, s["batch"])]
     seconds = run(cmd, work / f"train-{precision}.log")
     records = metrics(out)
@@ -159,7 +159,7 @@ def step_resume(s: dict, work: Path) -> dict:
     n, batch = s["resume_steps"], s["resume_batch"]
     launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     quick = {**s, "log_every": 1}
-    straight, parted = work / "resume-straight", work / "resume-parted"
+    straight, parted = fresh(work / "resume-straight"), fresh(work / "resume-parted")
     precision = "fp32"  # bf16 rounding would hide a resume bug behind its own noise
     cmd = [*launch, *pretrain_cmd(quick, work, straight, precision, 2 * n, batch, n)]
     run(cmd, work / "resume-straight.log")
@@ -262,8 +262,19 @@ STEPS = {
 }
 
 
-def run_step(name: str, dry: bool, work: Path) -> None:
-    """Child-process entry: run one step and write WORK/NAME.json."""
+def fresh(run_dir: Path) -> Path:
+    """An empty run directory: a re-run of the check must not meet its earlier run's files."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
+
+
+def run_step(name: str, dry: bool, work: Path) -> int:
+    """Child-process entry: run one step and write WORK/NAME.json, or its error to NAME.error."""
     os.environ.setdefault("PYTHONPATH", str(SCRIPTS.parent))
-    result = STEPS[name](DRY if dry else FULL, work)
+    try:
+        result = STEPS[name](DRY if dry else FULL, work)
+    except Exception as e:  # recorded for the report; the exit code tells the parent
+        (work / f"{name}.error").write_text(f"{type(e).__name__}: {e}")
+        raise
     (work / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -90,6 +90,7 @@ def test_failing_step_is_recorded(tmp_path):
     assert proc.returncode == 1
     step = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["fp16"]
     assert step["ok"] is False and "exit 1" in step["error"]
+    assert "no shard matches" in step["error"]  # the cause, from the step's own error file
     assert "| fp16 | NO |" in (tmp_path / "gpu_check.md").read_text()
 
 
