@@ -36,13 +36,13 @@ from gpu_check_steps import STEPS, run_step  # noqa: E402
 
 # Seconds per step: (full on one H100/H200, dry run on 2 CPU cores). Full sums to 480 s.
 BUDGETS = {
-    "data": (50, 20),
+    "data": (60, 20),
     "bf16": (100, 60),
     "fp16": (70, 35),
     "resume": (90, 75),
     "methods": (80, 30),
     "index": (50, 15),
-    "zeroshot": (40, 25),
+    "zeroshot": (30, 25),
 }
 
 
