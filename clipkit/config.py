@@ -30,6 +30,11 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is unusable
     max_pixels: int = 89_478_485  # larger images are skipped (decompression-bomb guard)
     stall_timeout: float = 600.0  # seconds without a batch before the run stops (workers >= 1)
+    # The online views' augmentation (clipkit.data.augment): clip | slip | aclip | none; null =
+    # the method's own paper pipeline. `photometric` / `crop_scale` override its parts.
+    augment: str | None = None
+    photometric: bool | None = None
+    crop_scale: list[float] | None = None  # [LO, HI] of the crop's share of the image area
 
 
 @dataclass
@@ -262,6 +267,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= d.max_bad_fraction <= 1, "--max-bad-fraction must be within [0, 1]")
     _check(d.stall_timeout > 0, "--stall-timeout must be > 0")
     _check(d.max_pixels > 0, "--max-pixels must be > 0")
+    check_augment(d.augment, d.crop_scale)
     _check(
         d.train_num_samples is None or d.train_num_samples > 0, "--train-num-samples must be > 0"
     )
@@ -303,6 +309,24 @@ def validate(cfg: Config) -> Config:
     _check_eval(cfg.eval)
     cfg.method.check()  # the method's own settings: those given apply, and its range checks
     return cfg
+
+
+AUGMENT_NAMES = ("clip", "slip", "aclip", "none")  # clipkit.data.augment.PIPELINES builds them
+
+
+def check_augment(name: str | None, crop_scale: list[float] | None) -> None:
+    """ConfigError for an unknown pipeline name or a crop scale that is not 0 < LO <= HI <= 1."""
+    _check(
+        name is None or name in AUGMENT_NAMES,
+        f"--augment must be one of {', '.join(AUGMENT_NAMES)} (got {name!r})",
+    )
+    if crop_scale is None:
+        return
+    _check(
+        len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1,
+        f"--crop-scale must be LO,HI with 0 < LO <= HI <= 1 (got {crop_scale})",
+    )
+    _check(name != "none", "--crop-scale does not apply to --augment none (a centre crop)")
 
 
 def _check_eval(e: EvalConfig) -> None:

@@ -188,7 +188,9 @@ class ACLIPMethod(Method):
 
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec(online_views=self.settings.num_views, teacher_size=self.teacher_size)
+        return ViewSpec(
+            online_views=self.settings.num_views, teacher_size=self.teacher_size, augment="aclip"
+        )
 
     @torch.no_grad()
     def select_tokens(self, batch: dict) -> dict[str, torch.Tensor | None]:
