@@ -60,7 +60,11 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 5e-4
     warmup: int = 100  # steps of linear warmup
+    warmup_epochs: float | None = None  # warmup in epochs of the data instead (sets `warmup`)
+    warmup_start_lr: float = 0.0  # the lr warmup starts from
+    final_lr: float = 0.0  # the lr cosine decays to
     weight_decay: float = 0.2
+    wd_rule: str = "clipkit"  # which parameters decay: clipkit | aclip (clipkit.train.optim)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -296,6 +300,10 @@ def validate(cfg: Config) -> Config:
     )
     _check(o.lr > 0, "--lr must be > 0")
     _check(o.warmup >= 0, "--warmup must be >= 0")
+    _check(o.warmup_epochs is None or o.warmup_epochs >= 0, "--warmup-epochs must be >= 0")
+    _check(0 <= o.warmup_start_lr <= o.lr, "--warmup-start-lr must be within [0, --lr]")
+    _check(0 <= o.final_lr <= o.lr, "--final-lr must be within [0, --lr]")
+    _check(o.wd_rule in WD_RULES, f"--wd-rule must be one of {', '.join(WD_RULES)}")
     _check(o.weight_decay >= 0, "--weight-decay must be >= 0")
     _check(o.schedule in ("cosine", "constant"), "--schedule must be cosine or constant")
     _check(o.accum_steps >= 1, "--accum-steps must be >= 1")
@@ -311,6 +319,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+WD_RULES = ("clipkit", "aclip")  # clipkit.train.optim.decays
 AUGMENT_NAMES = ("clip", "slip", "aclip", "none")  # clipkit.data.augment.PIPELINES builds them
 
 
@@ -351,7 +360,15 @@ CHANGEABLE_ON_RESUME = {
     "data": {"workers", "max_bad_fraction", "max_pixels", "stall_timeout"},
     "model": {"grad_checkpointing"},
     "method": set(),
-    "optim": {"lr", "warmup", "schedule", "grad_clip"},
+    "optim": {
+        "lr",
+        "warmup",
+        "warmup_epochs",
+        "warmup_start_lr",
+        "final_lr",
+        "schedule",
+        "grad_clip",
+    },
     "run": {
         "out",
         "steps",

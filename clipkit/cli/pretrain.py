@@ -95,11 +95,38 @@ FLAGS = [
     ("--lr", "optim.lr", float, "Peak learning rate (default 5e-4)."),
     ("--warmup", "optim.warmup", int, "Linear warmup steps (default 100)."),
     (
+        "--warmup-epochs",
+        "optim.warmup_epochs",
+        float,
+        "Warmup over this many epochs of the data instead of --warmup steps (A-CLIP: 1).",
+    ),
+    (
+        "--warmup-start-lr",
+        "optim.warmup_start_lr",
+        float,
+        "Learning rate the linear warmup starts from (default 0; A-CLIP: 1e-6).",
+    ),
+    (
+        "--final-lr",
+        "optim.final_lr",
+        float,
+        "Learning rate the cosine schedule ends at (default 0; A-CLIP: 1e-5).",
+    ),
+    (
         "--weight-decay",
         "optim.weight_decay",
         float,
         "AdamW weight decay on weight matrices "
         "(default 0.2; never on biases, norms, embeddings, temperature).",
+    ),
+    (
+        "--wd-rule",
+        "optim.wd_rule",
+        click.Choice(["clipkit", "aclip"]),
+        "Which parameters get weight decay: clipkit (default, open_clip's: weight matrices only, "
+        "not biases, norms, embeddings, temperature) or aclip (the official A-CLIP/SLIP rule: "
+        "every parameter of 2+ dimensions whose name has no 'bias', 'ln' or 'bn', so "
+        "embeddings decay too).",
     ),
     ("--schedule", "optim.schedule", click.Choice(["cosine", "constant"]), "LR after warmup."),
     ("--grad-clip", "optim.grad_clip", float, "Clip the global gradient norm (default 1.0)."),
