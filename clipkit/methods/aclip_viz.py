@@ -126,7 +126,7 @@ def load_aclip_method(checkpoint_path: str | Path, weights: str = "ema", device:
     Raises ConfigError when the checkpoint was not trained with an A-CLIP-family method.
     """
     if weights not in WEIGHTS:
-        raise ConfigError(f"--weights must be online or ema, not '{weights}'")
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, not '{weights}'")
     loaded = load_method(checkpoint_path, weights, map_location="cpu")
     cfg, method = loaded.config, loaded.method
     if not method.has_token_masks:
