@@ -30,6 +30,11 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # stop when more than this share of samples is unusable
     max_pixels: int = 89_478_485  # larger images are skipped (decompression-bomb guard)
     stall_timeout: float = 600.0  # seconds without a batch before the run stops (workers >= 1)
+    # The online views' augmentation (clipkit.data.augment): clip | slip | aclip | none; null =
+    # the method's own paper pipeline. `photometric` / `crop_scale` override its parts.
+    augment: str | None = None
+    photometric: bool | None = None
+    crop_scale: list[float] | None = None  # [LO, HI] of the crop's share of the image area
 
 
 @dataclass
@@ -55,7 +60,11 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 5e-4
     warmup: int = 100  # steps of linear warmup
+    warmup_epochs: float | None = None  # warmup in epochs of the data instead (sets `warmup`)
+    warmup_start_lr: float = 0.0  # the lr warmup starts from
+    final_lr: float = 0.0  # the lr cosine decays to
     weight_decay: float = 0.2
+    wd_rule: str = "clipkit"  # which parameters decay: clipkit | aclip (clipkit.train.optim)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -262,6 +271,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= d.max_bad_fraction <= 1, "--max-bad-fraction must be within [0, 1]")
     _check(d.stall_timeout > 0, "--stall-timeout must be > 0")
     _check(d.max_pixels > 0, "--max-pixels must be > 0")
+    check_augment(d.augment, d.crop_scale)
     _check(
         d.train_num_samples is None or d.train_num_samples > 0, "--train-num-samples must be > 0"
     )
@@ -290,6 +300,10 @@ def validate(cfg: Config) -> Config:
     )
     _check(o.lr > 0, "--lr must be > 0")
     _check(o.warmup >= 0, "--warmup must be >= 0")
+    _check(o.warmup_epochs is None or o.warmup_epochs >= 0, "--warmup-epochs must be >= 0")
+    _check(0 <= o.warmup_start_lr <= o.lr, "--warmup-start-lr must be within [0, --lr]")
+    _check(0 <= o.final_lr <= o.lr, "--final-lr must be within [0, --lr]")
+    _check(o.wd_rule in WD_RULES, f"--wd-rule must be one of {', '.join(WD_RULES)}")
     _check(o.weight_decay >= 0, "--weight-decay must be >= 0")
     _check(o.schedule in ("cosine", "constant"), "--schedule must be cosine or constant")
     _check(o.accum_steps >= 1, "--accum-steps must be >= 1")
@@ -303,6 +317,25 @@ def validate(cfg: Config) -> Config:
     _check_eval(cfg.eval)
     cfg.method.check()  # the method's own settings: those given apply, and its range checks
     return cfg
+
+
+WD_RULES = ("clipkit", "aclip")  # clipkit.train.optim.decays
+AUGMENT_NAMES = ("clip", "slip", "aclip", "none")  # clipkit.data.augment.PIPELINES builds them
+
+
+def check_augment(name: str | None, crop_scale: list[float] | None) -> None:
+    """ConfigError for an unknown pipeline name or a crop scale that is not 0 < LO <= HI <= 1."""
+    _check(
+        name is None or name in AUGMENT_NAMES,
+        f"--augment must be one of {', '.join(AUGMENT_NAMES)} (got {name!r})",
+    )
+    if crop_scale is None:
+        return
+    _check(
+        len(crop_scale) == 2 and 0 < crop_scale[0] <= crop_scale[1] <= 1,
+        f"--crop-scale must be LO,HI with 0 < LO <= HI <= 1 (got {crop_scale})",
+    )
+    _check(name != "none", "--crop-scale does not apply to --augment none (a centre crop)")
 
 
 def _check_eval(e: EvalConfig) -> None:
@@ -327,7 +360,15 @@ CHANGEABLE_ON_RESUME = {
     "data": {"workers", "max_bad_fraction", "max_pixels", "stall_timeout"},
     "model": {"grad_checkpointing"},
     "method": set(),
-    "optim": {"lr", "warmup", "schedule", "grad_clip"},
+    "optim": {
+        "lr",
+        "warmup",
+        "warmup_epochs",
+        "warmup_start_lr",
+        "final_lr",
+        "schedule",
+        "grad_clip",
+    },
     "run": {
         "out",
         "steps",

@@ -21,7 +21,7 @@ import torch
 from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError
 from clipkit.fileio import follow_umask, guard_output_dir, output_dir
-from clipkit.methods.restore import LoadedMethod, load_method
+from clipkit.methods.restore import WEIGHTS, LoadedMethod, load_method
 from clipkit.models import factory
 
 CONFIG_NAME = "open_clip_config.json"
@@ -29,11 +29,12 @@ KIND = "export"  # the marker clipkit leaves in the folders it exports
 
 
 def _state_dict(loaded: LoadedMethod) -> dict[str, torch.Tensor]:
-    """The open_clip state dict to export: online weights, or with the EMA image tower."""
+    """The open_clip state dict to export: online weights, or with the EMA image tower (and with
+    `ema-both` the EMA text tower)."""
     if loaded.weights == "online":
         return dict(loaded.checkpoint.state["model"])
     loaded.model()  # refuses a checkpoint that keeps no EMA weights
-    return loaded.method.ema_model_state_dict()
+    return loaded.method.ema_model_state_dict(loaded.weights)
 
 
 def _write_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> str:
@@ -60,8 +61,8 @@ def export_open_clip(
 
     `out` may not be, contain or lie inside the checkpoint's run; an existing `out` is replaced
     (with `overwrite`) only when it is an earlier export (see clipkit.fileio)."""
-    if weights not in ("online", "ema"):
-        raise ConfigError(f"--weights must be online or ema, got '{weights}'")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got '{weights}'")
     out = guard_output_dir(
         out, KIND, inputs=ckpt.input_paths(checkpoint), overwrite=overwrite, command="export"
     )

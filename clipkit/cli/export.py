@@ -14,10 +14,12 @@ from clipkit.cli.main import run_guarded
 @click.option("--out", required=True, type=click.Path(), help="Folder to write.")
 @click.option(
     "--weights",
-    type=click.Choice(["online", "ema"]),
+    type=click.Choice(["online", "ema", "ema-both"]),
     default="online",
     show_default=True,
-    help="online: trained weights; ema: A-CLIP's EMA image tower with the online text tower.",
+    help="online: the trained weights; ema: A-CLIP's EMA image tower with the online text tower; "
+    "ema-both: the EMA image and text towers (the official A-CLIP evaluation's pairing; the run "
+    "must be trained with --ema-text).",
 )
 @click.option(
     "--overwrite",

@@ -143,8 +143,10 @@ def model_options(fn):
         (
             "--weights",
             "online",
-            click.Choice(["online", "ema"]),
-            "Which weights of the checkpoint: the trained ones, or the EMA copy (A-CLIP).",
+            click.Choice(["online", "ema", "ema-both"]),
+            "Which weights of the checkpoint. online: the trained ones; ema: A-CLIP's EMA image "
+            "tower with the online text tower; ema-both: the EMA image and text towers (the "
+            "official A-CLIP evaluation's pairing; the run must be trained with --ema-text).",
         ),
     ]
     return stack_options(fn, option_rows(rows))

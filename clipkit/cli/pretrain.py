@@ -9,6 +9,22 @@ import click
 
 from clipkit.cli.main import fail, run_guarded
 
+
+class FloatPair(click.ParamType):
+    """`LO,HI` -> [LO, HI] (two numbers, comma-separated)."""
+
+    name = "LO,HI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            lo, hi = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not two numbers LO,HI (e.g. 0.5,1)", param, ctx)
+        return [lo, hi]
+
+
 # (flag, "section.key", click type, help). Defaults live in clipkit.config, not here: a flag the
 # user did not give stays None so the YAML file (or a resumed run's config) can supply it. The
 # methods' own settings get their flags from their settings classes (`method_flag_rows`).
@@ -79,11 +95,38 @@ FLAGS = [
     ("--lr", "optim.lr", float, "Peak learning rate (default 5e-4)."),
     ("--warmup", "optim.warmup", int, "Linear warmup steps (default 100)."),
     (
+        "--warmup-epochs",
+        "optim.warmup_epochs",
+        float,
+        "Warmup over this many epochs of the data instead of --warmup steps (A-CLIP: 1).",
+    ),
+    (
+        "--warmup-start-lr",
+        "optim.warmup_start_lr",
+        float,
+        "Learning rate the linear warmup starts from (default 0; A-CLIP: 1e-6).",
+    ),
+    (
+        "--final-lr",
+        "optim.final_lr",
+        float,
+        "Learning rate the cosine schedule ends at (default 0; A-CLIP: 1e-5).",
+    ),
+    (
         "--weight-decay",
         "optim.weight_decay",
         float,
         "AdamW weight decay on weight matrices "
         "(default 0.2; never on biases, norms, embeddings, temperature).",
+    ),
+    (
+        "--wd-rule",
+        "optim.wd_rule",
+        click.Choice(["clipkit", "aclip"]),
+        "Which parameters get weight decay: clipkit (default, open_clip's: weight matrices only, "
+        "not biases, norms, embeddings, temperature) or aclip (the official A-CLIP/SLIP rule: "
+        "every parameter of 2+ dimensions whose name has no 'bias', 'ln' or 'bn', so "
+        "embeddings decay too).",
     ),
     ("--schedule", "optim.schedule", click.Choice(["cosine", "constant"]), "LR after warmup."),
     ("--grad-clip", "optim.grad_clip", float, "Clip the global gradient norm (default 1.0)."),
@@ -169,6 +212,21 @@ FLAGS = [
         "Stop with an error naming the data worker "
         "and its shards when no batch arrives for this many seconds (default 600).",
     ),
+    (
+        "--augment",
+        "data.augment",
+        click.Choice(["clip", "slip", "aclip", "none"]),
+        "Augmentation of the online training views, for every method: clip (open_clip's: random "
+        "resized crop of 90-100% of the area), slip (crop 50-100%, SLIP's CLIP baseline), aclip "
+        "(A-CLIP's: crop 50-100% plus colour jitter, grayscale, blur, solarize), none (resize + "
+        "centre crop). Default: the method's paper pipeline (aclip for A-CLIP, clip otherwise).",
+    ),
+    (
+        "--crop-scale",
+        "data.crop_scale",
+        FloatPair(),
+        "Override the pipeline's random crop: LO,HI share of the image area (e.g. 0.5,1).",
+    ),
     ("--seed", "run.seed", int, "Seed of the model init, data order and augmentations."),
     ("--device", "run.device", str, "auto (default), cpu, cuda or cuda:N."),
     (
@@ -252,6 +310,12 @@ SWITCHES = [
         "LiT: freeze the image tower (excluded from the optimizer and weight decay).",
     ),
     ("--lock-text/--no-lock-text", "model.lock_text", "Freeze the text tower."),
+    (
+        "--photometric/--no-photometric",
+        "data.photometric",
+        "Override the pipeline's colour changes (jitter, grayscale, blur, solarize) of the online "
+        "views: --no-photometric keeps A-CLIP's crops without them, --photometric adds them.",
+    ),
 ]
 
 

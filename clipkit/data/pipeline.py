@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clipkit.config import ConfigError, DataConfig
+from clipkit.data.augment import Augment, run_augment
 from clipkit.data.counting import count_shards
 from clipkit.data.preprocess import Preprocess
 from clipkit.data.shards import StreamSpec, batches_per_worker, make_loader
@@ -20,9 +21,9 @@ from clipkit.distributed import DistInfo
 class SampleTransform:
     """(PIL image, caption) -> per-sample dict for the method's views (picklable for workers)."""
 
-    def __init__(self, preprocess: Preprocess, views: ViewSpec):
+    def __init__(self, preprocess: Preprocess, views: ViewSpec, augment: Augment | None = None):
         self.views = views
-        self.image = train_transform(preprocess, views)
+        self.image = train_transform(preprocess, views, augment)
 
     def __call__(self, image, caption: str) -> dict:
         out = {"caption": caption}
@@ -116,6 +117,6 @@ def build_loader(
         start=dict(position.workers),
         worker_offset=position.batches % workers,
     )
-    sample_fn = SampleTransform(preprocess, views)
+    sample_fn = SampleTransform(preprocess, views, run_augment(cfg, views))
     loader = make_loader(spec, sample_fn, Collate(tokenizer), pin_memory)
     return loader, LoaderInfo(urls, num_samples, per_worker * workers)

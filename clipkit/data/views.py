@@ -37,6 +37,7 @@ class ViewSpec:
 
     online_views: int = 0
     teacher_size: int | None = None  # teacher view side in pixels; None = the model's image size
+    augment: str = "clip"  # the method's own pipeline (clipkit.data.augment.PIPELINES)
 
 
 class RandomPILGaussianBlur:
@@ -90,6 +91,14 @@ def covering_box(views: list[Box], height: int, width: int, scale: float = 1.0) 
     return top, left, bottom - top, right - left
 
 
+def centre_box(height: int, width: int, size: tuple[int, int]) -> Box:
+    """The largest centred box of the output's aspect ratio (what resize + centre crop keeps)."""
+    ratio = size[1] / size[0]  # width / height
+    h = min(height, round(width / ratio))
+    w = min(width, round(h * ratio))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def relative_box(view: Box, teacher: Box) -> tuple[float, float, float, float]:
     """`view` in `teacher`'s normalised (x0, y0, x1, y1) coordinates (continuous pixel edges)."""
     t, left, h, w = view
@@ -107,7 +116,8 @@ class MultiViewTransform:
         mean, std: normalisation of every view.
         teacher_scale: how far the teacher crop grows past the views' union, as a fraction of the
             room left to each image border (1.0 = the spec's uniform growth).
-        view_scale, ratio: the online views' RandomResizedCrop parameters.
+        view_scale, ratio: the online views' RandomResizedCrop parameters; `view_scale` None:
+            every view is the centre crop (`--augment none`).
         photometric: apply the colour/blur/solarize pipeline to the online views.
     """
 
@@ -119,7 +129,7 @@ class MultiViewTransform:
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         teacher_scale: float = 1.0,
-        view_scale: tuple[float, float] = (0.5, 1.0),
+        view_scale: tuple[float, float] | None = (0.5, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         photometric: bool = True,
     ):
@@ -131,19 +141,22 @@ class MultiViewTransform:
         self.teacher_size = _pair(teacher_size if teacher_size is not None else image_size)
         self.num_views = num_views
         self.teacher_scale = teacher_scale
-        self.view_scale, self.ratio = tuple(view_scale), tuple(ratio)
+        self.view_scale = None if view_scale is None else tuple(view_scale)
+        self.ratio = tuple(ratio)
         self.photometric = photometric_augmentation() if photometric else None
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
 
     def _crop(self, img: Image.Image, box: Box, size: tuple[int, int]) -> Image.Image:
         return TF.resized_crop(img, *box, list(size), InterpolationMode.BILINEAR)
 
+    def _view_box(self, img: Image.Image) -> Box:
+        if self.view_scale is None:
+            return centre_box(img.height, img.width, self.size)
+        return tuple(T.RandomResizedCrop.get_params(img, list(self.view_scale), list(self.ratio)))
+
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         img = img.convert("RGB")
-        boxes = [
-            tuple(T.RandomResizedCrop.get_params(img, list(self.view_scale), list(self.ratio)))
-            for _ in range(self.num_views)
-        ]
+        boxes = [self._view_box(img) for _ in range(self.num_views)]
         teacher_box = covering_box(boxes, img.height, img.width, self.teacher_scale)
         views = []
         for box in boxes:

@@ -15,6 +15,7 @@ from torch import nn
 
 from clipkit import checkpoint as ckpt
 from clipkit.config import ConfigError, ModelConfig
+from clipkit.data.augment import run_augment
 from clipkit.data.tokenize import build_tokenizer
 from clipkit.data.transforms import eval_transform
 from clipkit.devices import pick_device  # noqa: F401  (the CLI's evaluation commands import it here)
@@ -38,6 +39,7 @@ class LoadedModel:
     sha256: str | None  # of the checkpoint / weights file (None for random weights)
     weights: str = "online"
     method: str | None = None
+    augment: str | None = None  # the training views' augmentation (clipkit.data.augment)
     source: dict[str, Any] = field(default_factory=dict)  # how to load it again (index dirs)
 
     @property
@@ -58,6 +60,7 @@ def _from_checkpoint(path: str, weights: str) -> LoadedModel:
         sha256=loaded.sha256,
         weights=weights,
         method=loaded.config.method.name,
+        augment=run_augment(loaded.config.data, loaded.method.views).describe(),
         source={"checkpoint": str(loaded.path.resolve()), "weights": weights},
     )
 

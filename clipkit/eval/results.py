@@ -40,6 +40,7 @@ def results_dict(
         "checkpoint_sha256": loaded.sha256,
         "weights": loaded.weights,
         "method": loaded.method,
+        **({"augment": loaded.augment} if loaded.augment else {}),
         "architecture": loaded.arch,
         "num_samples": num_samples,
         "versions": package_versions(),

@@ -25,6 +25,7 @@ from clipkit.methods import register
 from clipkit.methods.aclip_settings import ACLIPSettings
 from clipkit.methods.base import Embeddings, LossParts, Method, scale_parts
 from clipkit.methods.ema import ema_momentum, ema_update, frozen_copy
+from clipkit.methods.ema_eval import EMAImageCLIP, text_tower, with_parts
 from clipkit.models.vit import cls_attention, forward_kept, patch_grid, require_vit
 
 BLOCK = 2  # A-CLIP keeps 2x2-patch blocks (one score per 32x32 px at patch 16)
@@ -182,13 +183,24 @@ class ACLIPMethod(Method):
         needs_teacher = cfg.attentive or cfg.byol_weight > 0
         self.teacher_visual = frozen_copy(visual) if needs_teacher else None
         self.has_ema = needs_teacher
+        self.teacher_text = self._text_ema(model) if needs_teacher and cfg.ema_text else None
         # Kept in state_dict so a resumed run knows where the schedule stood.
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_momentum_now", torch.tensor(float(cfg.ema_momentum)))
 
+    @staticmethod
+    def _text_ema(model: nn.Module) -> nn.Module:
+        """A frozen copy of what the official code EMA's on the text side: the transformer and
+        the text projection (token / positional embeddings and `ln_final` stay shared)."""
+        if not isinstance(getattr(model, "text_projection", None), nn.Parameter):
+            raise ConfigError("--ema-text needs open_clip's built-in text tower (not --text-tower)")
+        return frozen_copy(text_tower(model))
+
     @property
     def views(self) -> ViewSpec:
-        return ViewSpec(online_views=self.settings.num_views, teacher_size=self.teacher_size)
+        return ViewSpec(
+            online_views=self.settings.num_views, teacher_size=self.teacher_size, augment="aclip"
+        )
 
     @torch.no_grad()
     def select_tokens(self, batch: dict) -> dict[str, torch.Tensor | None]:
@@ -287,6 +299,8 @@ class ACLIPMethod(Method):
             step, total_steps, self.settings.ema_momentum, self.settings.ema_momentum_end
         )
         ema_update(self.teacher_visual, self.model.visual, m)
+        if self.teacher_text is not None:
+            ema_update(self.teacher_text, text_tower(self.model), m)
         if self.teacher_projector is not None:
             ema_update(self.teacher_projector, self.byol_projector, m)
         self.ema_step.fill_(step)
@@ -294,53 +308,38 @@ class ACLIPMethod(Method):
 
     def eval_model(self, which: str = "online") -> nn.Module:
         """'online': the trained model. 'ema': open_clip's interface with the EMA image tower and
-        the online text tower (A-CLIP's released eval also EMA'd the text tower; we keep no text
-        EMA, since training never uses it)."""
+        the online text tower. 'ema-both': the EMA image and text towers (the official
+        eval_zeroshot.py pairing; needs a run trained with `--ema-text`), with the online
+        embeddings, `ln_final` and logit scale, which the official code does not EMA either."""
         if which == "online":
             return self.model
         if which == "ema" and self.teacher_visual is not None:
             return EMAImageCLIP(self.model, self.teacher_visual)
+        if which == "ema-both" and self.teacher_text is not None:
+            return with_parts(self.model, visual=self.teacher_visual, **_text_parts(self))
+        if which == "ema-both" and self.teacher_visual is not None:
+            raise ConfigError(
+                "--weights ema-both needs an EMA text tower: this run was trained without "
+                "--ema-text (use --weights ema: the EMA image tower with the online text tower)"
+            )
         raise ValueError(f"method '{self.name}' has no '{which}' weights; use 'online' or 'ema'")
 
-    def ema_model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The online model's state dict with the EMA image tower in `visual.*` (for export)."""
+    def ema_model_state_dict(self, which: str = "ema") -> dict[str, torch.Tensor]:
+        """The online model's state dict with the EMA image tower in `visual.*` (for export), and
+        with `ema-both` the EMA text transformer and projection too."""
         state = dict(self.model.state_dict())
         state.update({f"visual.{k}": v for k, v in self.teacher_visual.state_dict().items()})
+        if which == "ema-both":
+            self.eval_model(which)  # refuses a run without an EMA text tower
+            state.update(self.teacher_text.state_dict())
         return state
 
 
-class EMAImageCLIP(nn.Module):
-    """open_clip.CLIP's `encode_image` / `encode_text` / `forward` over an EMA image tower and an
-    online model's text tower (shared, not copied)."""
-
-    def __init__(self, model: nn.Module, visual: nn.Module):
-        super().__init__()
-        self.visual = visual
-        self.online = model
-        self.output_dict = model.output_dict
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.online.logit_scale
-
-    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(image)
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self.online.encode_text(text, normalize=normalize)
-
-    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
-        image_features = self.encode_image(image, normalize=True) if image is not None else None
-        text_features = self.encode_text(text, normalize=True) if text is not None else None
-        scale = self.logit_scale.exp()
-        if self.output_dict:
-            return {
-                "image_features": image_features,
-                "text_features": text_features,
-                "logit_scale": scale,
-            }
-        return image_features, text_features, scale
+def _text_parts(method: ACLIPMethod) -> dict[str, nn.Module | nn.Parameter]:
+    return {
+        "transformer": method.teacher_text.transformer,
+        "text_projection": method.teacher_text.text_projection,
+    }
 
 
 def _named(method: Method, name: str) -> Method:

@@ -39,6 +39,13 @@ class ACLIPSettings:
         "choose blocks by teacher attention (default) or at random (ablation).",
         flag="--attentive/--random-blocks",
     )
+    # The official code also keeps an EMA of the text transformer and projection, used only by its
+    # evaluation (eval_zeroshot.py pairs both EMA towers): `--weights ema-both` needs it.
+    ema_text: bool = setting(
+        False,
+        "also keep an EMA of the text tower (as the official code does), for --weights ema-both.",
+        flag="--ema-text/--no-ema-text",
+    )
     # The paper's SimCLR/BYOL head widths.
     ssl_hidden_dim: int = setting(4096, "hidden width of the SimCLR/BYOL heads (4096).")
     ssl_embed_dim: int = setting(256, "output width of the SSL heads (256).")

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from clipkit.config import ConfigError, DataConfig
+from clipkit.data.augment import run_augment
 from clipkit.data.decode import BadSample, decode_caption, decode_image, pick
 from clipkit.data.pipeline import Collate, SampleTransform
 from clipkit.data.preprocess import Preprocess
@@ -126,7 +127,7 @@ def load_aclip_method(checkpoint_path: str | Path, weights: str = "ema", device:
     Raises ConfigError when the checkpoint was not trained with an A-CLIP-family method.
     """
     if weights not in WEIGHTS:
-        raise ConfigError(f"--weights must be online or ema, not '{weights}'")
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, not '{weights}'")
     loaded = load_method(checkpoint_path, weights, map_location="cpu")
     cfg, method = loaded.config, loaded.method
     if not method.has_token_masks:
@@ -160,9 +161,10 @@ def read_batch(
 ) -> dict:
     """The first `n` usable samples of the shards `data` (in shard order), transformed into the
     method's views with the augmentation RNG seeded by `seed`, collated like training batches.
-    `keys`: the run's data config (image/text member names, pixel guard); default: defaults."""
+    `keys`: the run's data config (image/text member names, pixel guard, augmentation); default:
+    defaults."""
     keys = keys or DataConfig()
-    transform = SampleTransform(preprocess, views)
+    transform = SampleTransform(preprocess, views, run_augment(keys, views))
     rng = random.Random(seed)
     torch.manual_seed(seed)  # the views' crops and colour draws come from torch's global RNG
     samples: list[dict] = []

@@ -196,8 +196,9 @@ class Method(nn.Module):
             raise ValueError(f"method '{self.name}' keeps no '{which}' weights; use 'online'")
         return self.model
 
-    def ema_model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with the EMA weights in place (export); only where `has_ema`."""
+    def ema_model_state_dict(self, which: str = "ema") -> dict[str, torch.Tensor]:
+        """The model's state dict with the EMA weights `which` names in place (export); only where
+        `has_ema`."""
         raise ValueError(f"method '{self.name}' keeps no EMA weights")
 
     def extra_state(self) -> dict:

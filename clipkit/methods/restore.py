@@ -23,7 +23,9 @@ from clipkit.config import Config, ConfigError, check_resume
 from clipkit.methods.base import Method
 from clipkit.models import factory
 
-WEIGHTS = ("online", "ema")
+# online: the trained weights; ema: A-CLIP's EMA image tower with the online text tower;
+# ema-both: both EMA towers (the official A-CLIP evaluation; runs trained with --ema-text).
+WEIGHTS = ("online", "ema", "ema-both")
 
 
 @dataclass
@@ -45,10 +47,10 @@ class LoadedMethod:
 
     def model(self) -> nn.Module:
         """The model with the chosen weights; a checkpoint without EMA weights refuses 'ema'."""
-        if self.weights == "ema" and not self.method.has_ema:
+        if self.weights != "online" and not self.method.has_ema:
             raise ConfigError(
-                f"--weights ema: the '{self.config.method.name}' checkpoint {self.path} keeps no "
-                "EMA weights (only A-CLIP does); use --weights online"
+                f"--weights {self.weights}: the '{self.config.method.name}' checkpoint "
+                f"{self.path} keeps no EMA weights (only A-CLIP does); use --weights online"
             )
         return self.method.eval_model(self.weights)
 

@@ -1,8 +1,9 @@
 """Optimizer and learning-rate schedule.
 
 AdamW with no weight decay on biases, norm weights, embeddings (token, positional, class) and the
-temperature, as open_clip does. Parameters both towers share (MS-CLIP; the caller names them)
-take their own lr / weight decay when the config sets them.
+temperature, as open_clip does (`--wd-rule clipkit`), or A-CLIP's official rule (`aclip`).
+Parameters both towers share (MS-CLIP; the caller names them) take their own lr / weight decay
+when the config sets them.
 Schedules are pure functions of the step, so resume needs only the step.
 """
 
@@ -27,8 +28,13 @@ _NO_DECAY_NAMES = (
 )
 
 
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Weight decay only on matrices of linear/conv layers, never on gains, biases or embeddings."""
+def decays(name: str, param: torch.Tensor, rule: str = "clipkit") -> bool:
+    """`clipkit`: weight decay only on matrices of linear/conv layers, never on gains, biases or
+    embeddings. `aclip`: the official A-CLIP / SLIP rule (main.py L110-126): every parameter of
+    2 or more dimensions whose name holds none of 'bias', 'ln', 'bn', so the token and positional
+    embeddings decay too."""
+    if rule == "aclip":
+        return param.ndim >= 2 and not any(part in name for part in ("bias", "ln", "bn"))
     if param.ndim < 2 or name.endswith(".bias"):
         return False
     leaf = name.split(".")
@@ -55,7 +61,7 @@ def param_groups(
         if id(p) in shared_ids:
             lr_mult = (cfg.shared_lr or cfg.lr) / cfg.lr
             wd = cfg.weight_decay if cfg.shared_weight_decay is None else cfg.shared_weight_decay
-        wd = wd if decays(name, p) else 0.0
+        wd = wd if decays(name, p, cfg.wd_rule) else 0.0
         group = groups.setdefault(
             (lr_mult, wd), {"params": [], "weight_decay": wd, "lr_mult": lr_mult}
         )
@@ -82,14 +88,21 @@ def build_optimizer(
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to 0 (or constant)."""
+    """Linear warmup from cfg.warmup_start_lr to cfg.lr (reached at step `warmup - 1`), then
+    cosine decay to cfg.final_lr at the last step (or constant)."""
     if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
     decay_steps = max(1, total_steps - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / decay_steps)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    return cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + math.cos(math.pi * progress))
+
+
+def epoch_warmup(cfg: OptimConfig, samples_per_epoch: int, global_batch: int) -> int:
+    """`cfg.warmup_epochs` as optimizer steps (at least 1 for a non-zero warmup)."""
+    steps = cfg.warmup_epochs * samples_per_epoch / global_batch
+    return max(1, round(steps)) if steps > 0 else 0
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -38,7 +38,7 @@ from clipkit.train.evaluation import (
     resume_evaluations,
 )
 from clipkit.train.logging import log
-from clipkit.train.optim import build_optimizer
+from clipkit.train.optim import build_optimizer, epoch_warmup
 from clipkit.train.rng import set_rng_state
 from clipkit.train.run_lock import RunLock
 from clipkit.train.trainer import Trainer, TrainingError, TrainState
@@ -208,6 +208,9 @@ def _train(
             state.position,
             pin_memory=device.type == "cuda",
         )
+        if cfg.optim.warmup_epochs is not None:  # needs the epoch size, known from the data
+            global_batch = dist.global_batch(cfg.data.batch_size, cfg.optim.accum_steps)
+            cfg.optim.warmup = epoch_warmup(cfg.optim, info.num_samples, global_batch)
         if dist.is_main:
             save_yaml(cfg, layout.config)
             log.info(
