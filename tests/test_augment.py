@@ -136,7 +136,7 @@ def test_cli_refuses_bad_augmentation(tmp_path, flags, message):
 
 
 def test_resume_keeps_the_augmentation_and_old_configs_resume():
-    from clipkit.config import check_resume
+    from clipkit.config_resume import check_resume
 
     saved = Config().to_dict()
     for key in ("augment", "photometric", "crop_scale"):  # a config saved before the choice

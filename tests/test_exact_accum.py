@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from cli_util import invoke, user_error
 
 from clipkit import checkpoint, methods
-from clipkit.config import ConfigError, MethodConfig, ModelConfig, with_legacy_defaults
+from clipkit.config import ConfigError, MethodConfig, ModelConfig
+from clipkit.config_resume import with_legacy_defaults
 from clipkit.losses import SIGLIP_INIT
 from clipkit.methods.base import Method
 from clipkit.train.accumulate import MicroSteps, check_accum_mode, exact_step, independent_step

@@ -10,14 +10,8 @@ from cli_util import run, user_error
 
 from clipkit import checkpoint, methods
 from clipkit.cli.pretrain import resolve_config
-from clipkit.config import (
-    Config,
-    ConfigError,
-    MethodConfig,
-    check_resume,
-    validate,
-    with_legacy_defaults,
-)
+from clipkit.config import Config, ConfigError, MethodConfig, validate
+from clipkit.config_resume import check_resume, with_legacy_defaults
 from clipkit.method_config import flag_of
 from clipkit.methods.aclip_settings import ACLIPSettings, FLIPSettings
 from clipkit.run_dir import RunDir

@@ -19,7 +19,8 @@ from torch import nn
 
 from clipkit import checkpoint, methods
 from clipkit.checkpoint import CheckpointError, Loaded
-from clipkit.config import Config, ConfigError, check_resume
+from clipkit.config import Config, ConfigError
+from clipkit.config_resume import check_resume
 from clipkit.methods.base import Method
 from clipkit.models import factory
 
