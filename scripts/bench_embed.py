@@ -21,7 +21,9 @@ machine hit each alike:
 
 Images/s from each tool's own timing, model loading excluded: clipkit's `images embedded in Xs`
 (the slowest rank's loop, parts written); clip-retrieval's stats file (the sum of its per-batch
-read + inference + write times). Wall time of the whole command is recorded too.
+read + inference + write times). Wall time of the whole command is recorded too. Last, the
+two tools' 1-process embeddings of each image and caption are compared (matched by key): the
+smallest cosine, which says both ran the same model on the same inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
@@ -60,6 +64,41 @@ def clip_retrieval_rate(stats: list[dict]) -> tuple[int, float]:
     if images == 0 or seconds <= 0:
         raise RuntimeError("clip-retrieval wrote no stats of embedded samples")
     return images, seconds
+
+
+def load_parts(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Image rows, caption rows and keys of an embedding folder, parts in numeric order."""
+    import pandas as pd
+
+    def part_no(path: Path) -> int:
+        return int(path.stem.rsplit("_", 1)[1])
+
+    metas = sorted((folder / "metadata").glob("metadata_*.parquet"), key=part_no)
+    nums = [part_no(m) for m in metas]
+    width = len(metas[0].stem.rsplit("_", 1)[1]) if metas else 1
+    images = [np.load(folder / "img_emb" / f"img_emb_{n:0{width}d}.npy") for n in nums]
+    texts = [np.load(folder / "text_emb" / f"text_emb_{n:0{width}d}.npy") for n in nums]
+    keys = [k for m in metas for k in pd.read_parquet(m)["image_path"].tolist()]
+    return np.concatenate(images), np.concatenate(texts), keys
+
+
+def matched_cosines(a: np.ndarray, a_keys: list, b: np.ndarray, b_keys: list) -> np.ndarray:
+    """Cosine of each row of `a` with the row of `b` under the same key."""
+    where = {k: n for n, k in enumerate(b_keys)}
+    b = b[[where[k] for k in a_keys]].astype(np.float64)
+    a = a.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def agreement(work: Path) -> dict:
+    """How close the two tools' 1-process embeddings of the same images and captions are."""
+    ours = load_parts(work / "out-clipkit-1")
+    theirs = load_parts(work / "out-clip-retrieval-1")
+    result = {}
+    for n, name in enumerate(("image", "text")):
+        cos = matched_cosines(theirs[n], theirs[2], ours[n], ours[2])
+        result[name] = {"rows": len(cos), "min_cosine": float(cos.min())}
+    return result
 
 
 def make_inputs(work: Path, args) -> tuple[list[Path], Path]:
@@ -149,6 +188,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "machine": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
         "runs": rows,
+        "agreement": agreement(work),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

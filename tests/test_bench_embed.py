@@ -43,3 +43,12 @@ def test_clip_retrieval_rate_sums_partitions(bench):
 def test_clip_retrieval_rate_without_samples_fails(bench):
     with pytest.raises(RuntimeError, match="no stats"):
         bench.clip_retrieval_rate([{"sample_count": 0, "total_duration": 0.0}])
+
+
+def test_matched_cosines_pairs_rows_by_key(bench):
+    import numpy as np
+
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    b = np.array([[0.0, 5.0], [3.0, 4.0]])
+    cos = bench.matched_cosines(a, ["x", "y"], b, ["y", "x"])
+    np.testing.assert_allclose(cos, [0.6, 1.0])
