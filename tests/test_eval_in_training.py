@@ -40,6 +40,7 @@ def build_eval(checkpoint, texts, out, info=DistInfo()):
         out,
         model_name=loaded.config.model.name,
         arch=arch,
+        data_config=loaded.config.data,
     )
     return evaluator, loaded.method
 
@@ -105,6 +106,8 @@ def test_equals_the_standalone_commands(tiny_checkpoint, demo_root, folder_set, 
         assert (block["step"], block["samples_seen"]) == (12, 384)
         assert block["checkpoint"] == str(tmp_path / "run")
         assert set(cli["clipkit"]) - set(block) <= {"checkpoint_sha256"}
+        assert block["augment"] == cli["clipkit"]["augment"]
+        assert block["augment"] == "clip (crop 0.9-1, no colour change)"
 
 
 def test_aclip_gives_ema_records_equal_to_weights_ema(demo_root, tmp_path):

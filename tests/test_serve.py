@@ -243,8 +243,10 @@ def test_web_page_in_headless_browser(server, index_dir, query_image, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         by_image = search(index_dir, "--image", query_image, "-k", 8)
         page.set_input_files("#file", str(query_image))
+        # "searching: NAME" comes first; the results are drawn before "N results for NAME"
         page.wait_for_function(
-            f"document.getElementById('status').textContent.includes('{query_image.name}')"
+            "document.getElementById('status').textContent.includes("
+            f"'results for {query_image.name}')"
         )
         assert page.locator(".card .key").all_inner_texts() == [w["key"] for w in by_image]
         browser.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from clipkit.data.augment import run_augment
 from clipkit.distributed import DistInfo
 from clipkit.eval import LoaderSettings
 from clipkit.eval.embed import EmbeddedPart, merge_parts
@@ -55,11 +56,13 @@ class InTrainingEval:
         *,
         model_name: str = "",
         arch: dict | None = None,
+        data_config=None,
     ):
         self.specs, self.reading, self.device, self.dist = specs, reading, device, dist
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.run_dir = RunDir(run_dir)
         self.model_name, self.arch = model_name, arch or {}
+        self.data_config = data_config  # the run's DataConfig: names its augmentation in results
         self.sets = {spec.name: _open_sets(spec, preprocess) for spec in specs}
 
     def run(self, method, step: int, samples_seen: int) -> list[dict[str, Any]]:
@@ -117,7 +120,14 @@ class InTrainingEval:
             weights=which,
             method=method.name,
             source={"checkpoint": str(self.run_dir.root), "weights": which},
+            augment=self._augment(method),
         )
+
+    def _augment(self, method) -> str | None:
+        """The training views' augmentation, as the results of a checkpoint name it."""
+        if self.data_config is None:
+            return None
+        return run_augment(self.data_config, method.views).describe()
 
     def _write(self, result: dict, step: int, name: str, which: str) -> None:
         """The main rank writes the results JSON; a failed write is a warning, not a stop."""

@@ -103,7 +103,7 @@ class RunEvaluation:
         if specs:
             self.benchmarks = InTrainingEval(
                 specs, reading, transform, tokenizer, device, dist, run_dir,
-                model_name=cfg.model.name, arch=cfg.model.arch,
+                model_name=cfg.model.name, arch=cfg.model.arch, data_config=cfg.data,
             )  # fmt: skip
         self.names = [s.name for s in specs]
         self.validation = None
