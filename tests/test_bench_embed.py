@@ -1,19 +1,13 @@
 """The arithmetic of scripts/bench_embed.py: how each tool's own timing becomes images/s."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_embed.py"
+from tests.script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_embed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_embed")
 
 
 def test_clipkit_rate_reads_the_closing_line(bench):

@@ -3,24 +3,12 @@ evaluations counted in training steps, the two tools' medians and ratio, the spe
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from clipkit.eval.specs import parse_specs
+from tests.script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench_eval():
-    spec = importlib.util.spec_from_file_location("bench_eval", ROOT / "scripts" / "bench_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = load_bench_eval()
+BENCH = load_script("bench_eval")
 
 
 def test_step_seconds_skip_the_first_steps():

@@ -3,13 +3,14 @@ precisions (the bf16 autocast path is the one a GPU run takes) and bench.py's pa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +38,7 @@ def test_mfu_row_arithmetic():
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 def test_partial_rerun_keeps_other_rows(tmp_path):
@@ -54,12 +52,7 @@ def test_partial_rerun_keeps_other_rows(tmp_path):
 
 
 def load_bench_accum():
-    spec = importlib.util.spec_from_file_location(
-        "bench_accum", ROOT / "scripts" / "bench_accum.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_accum")
 
 
 def test_bench_accum_quick_memory_rows(tmp_path):
