@@ -156,15 +156,15 @@ def test_resume_restores_the_global_rng(demo_root, tmp_path):
     assert differences(comparable(checkpoint.load(run_a)), comparable(checkpoint.load(run_b))) == []
 
 
-@pytest.mark.parametrize("clip_weight", ["1", "0"])
-def test_two_process_gloo_run(demo_root, tmp_path, clip_weight):
+def test_two_process_gloo_run(demo_root, tmp_path):
     """torchrun with 2 CPU ranks; clip weight 0 leaves the text tower unused, which DDP only
-    accepts because the method sets `has_unused_parameters`."""
+    accepts because the method sets `has_unused_parameters` (the harder case for DDP: with the
+    CLIP loss on, every parameter gets a gradient)."""
     run = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         "-m", "clipkit", "pretrain", "--data", str(demo_root / "train"), "--out", str(run),
-        "--method", "aclip", "--steps", "2", "--clip-weight", clip_weight, *TINY, *SMALL_HEADS,
+        "--method", "aclip", "--steps", "2", "--clip-weight", "0", *TINY, *SMALL_HEADS,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -173,7 +173,7 @@ def test_two_process_gloo_run(demo_root, tmp_path, clip_weight):
     assert state["world_size"] == 2 and state["samples_seen"] == 2 * 2 * 8
     check_teacher(state, steps=2)
     last = records(run)[-1]
-    assert ("clip_loss" in last) == (clip_weight == "1")
+    assert "clip_loss" not in last
     assert {"simclr_loss", "byol_loss"} <= last.keys()
 
 
