@@ -5,15 +5,19 @@ inputs, alternating, several repeats, medians and the ratio. Prints a table and 
     .venv/bin/python scripts/bench.py --quick            # a few minutes on 2 cores
     .venv/bin/python scripts/bench.py --rows train,data  # choose rows; full mode without --quick
 
-Rows: train (clipkit pretrain vs open_clip_train.main), data (clipkit loader vs open_clip's
+Rows: train (clipkit pretrain vs open_clip_train.main on the data-bound `tiny` model),
+train-vit-s-32 and train-vit-b-32 (the same on compute-bound open_clip models at a small batch),
+profile (both trainers' step split into phases: forward, loss, backward, clipping, optimizer,
+data wait, the loop's own rest; scripts/bench/step_profile.py), data (clipkit loader vs open_clip's
 get_wds_dataset), mfu (model FLOPs x samples/s over measured fp32 matmul rate; mfu-compile the
 same under torch.compile; mfu-gpu ViT-B/16 in bf16 at batch 256 on CUDA), index (auto index
 vs exact flat search on synthetic clustered vectors, and vs autofaiss's pick where
 .venv-autofaiss exists; index-tight the same under a quarter of the raw size), zeroshot
 (clipkit zero-shot vs CLIP_benchmark's evaluate), memory (peak
-RSS of `retrieve eval` against the N x N matrix a non-chunked evaluation builds). The open_clip
-reference runs in its own venv (.venv-openclip, made by scripts/setup_reference.sh) because
-open_clip_torch[training] pins an old webdataset.
+RSS of `retrieve eval` against the N x N matrix a non-chunked evaluation builds). Every row
+records the CPU model (lscpu); a partial re-run keeps earlier rows of the same CPU only. The
+open_clip reference runs in its own venv (.venv-openclip, made by scripts/setup_reference.sh)
+because open_clip_torch[training] pins an old webdataset.
 """
 
 from __future__ import annotations
@@ -21,12 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = ROOT / ".venv" / "bin" / "python"
 REF_PY = ROOT / ".venv-openclip" / "bin" / "python"
 BENCH_DIR = ROOT / ".bench"
-# The issue's reference architecture: image 32, patch 4, width 128, 4+4 layers, embed 128, ctx 32.
-TINY = {
-    "embed_dim": 128,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
-}
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+import train_rows  # noqa: E402
 
 
 def write_demo(out: Path, train: int, eval_: int, probe: int, size: int, shard: int) -> Path:
@@ -90,125 +88,14 @@ def peak_rss_mb(cmd: list[str]) -> float:
     return float(last_line([str(PY), str(ROOT / "scripts/bench/peak_rss.py"), *cmd]))
 
 
-def _median_after_warmup(values: list[float]) -> float:
-    return statistics.median(values[1:] if len(values) > 2 else values)
-
-
-def run_clipkit_train(shards: Path, model_json: Path, steps: int, batch: int, workers: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="bench-clipkit-"))
-    cmd = [
-        str(PY),
-        "-m",
-        "clipkit",
-        "pretrain",
-        "--data",
-        str(shards),
-        "--out",
-        str(out / "run"),
-        "--model",
-        str(model_json),
-        "--steps",
-        str(steps),
-        "--batch-size",
-        str(batch),
-        "--workers",
-        str(workers),
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "10",
-        "--log-every",
-        "10",
-        "--save-every",
-        str(10 * steps),
-    ]
-    peak_mb = peak_rss_mb(cmd)
-    recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(out)
-    return {
-        "samples_per_s": _median_after_warmup([r["samples_per_s"] for r in recs]),
-        "data_wait_frac": _median_after_warmup([r["data_wait_frac"] for r in recs]),
-        "peak_rss_mb": peak_mb,
-    }
-
-
-def run_open_clip_train(shards: Path, steps: int, batch: int, workers: int) -> dict:
-    import site  # noqa: F401  (the reference venv's open_clip holds the model config)
-
-    cfg_dir = next(
-        (ROOT / ".venv-openclip" / "lib").glob("python3*/site-packages/open_clip/model_configs")
-    )
-    (cfg_dir / "clipkit-bench-tiny.json").write_text(json.dumps(TINY))
-    out = Path(tempfile.mkdtemp(prefix="bench-openclip-"))
-    cmd = [
-        str(REF_PY),
-        "-m",
-        "open_clip_train.main",
-        "--train-data",
-        shard_pattern(shards),
-        "--train-num-samples",
-        str(steps * batch),
-        "--dataset-type",
-        "webdataset",
-        "--batch-size",
-        str(batch),
-        "--workers",
-        str(workers),
-        "--model",
-        "clipkit-bench-tiny",
-        "--epochs",
-        "1",
-        "--precision",
-        "fp32",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "10",
-        "--log-every-n-steps",
-        "10",
-        "--save-frequency",
-        "0",
-        "--zeroshot-frequency",
-        "0",
-        "--val-frequency",
-        "0",
-        "--logs",
-        str(out),
-        "--name",
-        "bench",
-        "--report-to",
-        "",
-        "--seed",
-        "0",
-        "--grad-clip-norm",  # clipkit clips at 1.0 by default: same work on both sides
-        "1.0",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
-    log = res.stdout + res.stderr
-    shutil.rmtree(out)
-    if res.returncode != 0:
-        raise RuntimeError(f"open_clip_train failed:\n{log[-3000:]}")
-    times = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
-    return {"samples_per_s": _median_after_warmup([batch / t for t in times])}
-
-
-def row_train(quick: bool, repeats: int) -> dict:
+def row_train(quick: bool, repeats: int, model: str = "tiny") -> dict:
     shards = demo_data()
-    model_json = BENCH_DIR / "tiny.json"
-    model_json.write_text(json.dumps(TINY))
-    steps = 60 if quick else 200
-    ours, ref, mem = [], [], []
-    for _ in range(repeats):
-        r = run_clipkit_train(shards, model_json, steps, 100, 2)
-        ours.append(r["samples_per_s"])
-        mem.append(r["peak_rss_mb"])
-        ref.append(run_open_clip_train(shards, steps, 100, 2)["samples_per_s"])
-    return _row(
-        "training samples/s (tiny CLIP, batch 100, 2 workers, fp32)",
-        ours,
-        ref,
-        extra={"clipkit_peak_rss_mb": max(mem)},
-    )
+    return train_rows.row_train(model, shards, shard_pattern(shards), quick, repeats, peak_rss_mb)
+
+
+def row_profile(quick: bool, repeats: int) -> dict:
+    shards = demo_data()
+    return train_rows.row_profile(shards, shard_pattern(shards), quick, repeats)
 
 
 def row_data(quick: bool, repeats: int) -> dict:
@@ -300,6 +187,9 @@ def _row(name: str, ours: list[float], ref: list[float], extra: dict | None = No
 
 ROWS = {
     "train": row_train,
+    "train-vit-s-32": lambda quick, repeats: row_train(quick, repeats, "vit-s-32"),
+    "train-vit-b-32": lambda quick, repeats: row_train(quick, repeats, "vit-b-32"),
+    "profile": row_profile,
     "data": row_data,
     "mfu": row_mfu,
     "index": row_index,
@@ -312,15 +202,16 @@ ROWS = {
 }
 
 
-def _earlier_rows(out: Path, quick: bool) -> dict[str, dict]:
-    """Rows of an earlier run of the same mode in `out`, by row name: a run of some rows
-    replaces those and keeps the others (each row carries its own date)."""
+def _earlier_rows(out: Path, quick: bool, cpu: str) -> dict[str, dict]:
+    """Rows of an earlier run of the same mode on the same CPU model in `out`, by row name: a
+    run of some rows replaces those and keeps the others (each row carries its own date and
+    CPU); rows measured on another CPU are dropped, never mixed with this machine's."""
     if not out.exists():
         return {}
     earlier = json.loads(out.read_text())
     if earlier.get("quick") != quick:
         return {}
-    return {r["bench"]: r for r in earlier["rows"] if "bench" in r}
+    return {r["bench"]: r for r in earlier["rows"] if "bench" in r and r.get("cpu_model") == cpu}
 
 
 def main() -> None:
@@ -345,17 +236,19 @@ def main() -> None:
     if not REF_PY.exists() and {"train", "data"} & set(args.rows.split(",")):
         subprocess.run(["bash", str(ROOT / "scripts/setup_reference.sh")], check=True)
     repeats = args.repeats or (2 if args.quick else 3)
+    cpu = train_rows.cpu_model()
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu,
         "quick": args.quick,
         "rows": [],
     }
     out = Path(args.out or ROOT / "docs" / f"bench-results{'' if args.quick else '-full'}.json")
-    kept = _earlier_rows(out, args.quick)
+    kept = _earlier_rows(out, args.quick, cpu)
     for name in args.rows.split(","):
-        row = {"bench": name, "date": results["date"]} | ROWS[name](args.quick, repeats)
+        row = {"bench": name, "date": results["date"], "cpu_model": cpu}
+        row |= ROWS[name](args.quick, repeats)
         kept.pop(name, None)
         results["rows"].append(row)
         print(json.dumps(row), flush=True)

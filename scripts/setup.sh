@@ -12,8 +12,10 @@ want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+# --no-compile: pip would byte-compile every file of torch & co. at install; Python compiles
+# (and caches) the modules a run imports, a small share of them.
+.venv/bin/python -m pip install -q --no-compile --upgrade pip
 # Pinned: on the team's machines pip takes these from local disk; unpinned torch downloads GBs.
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-compile "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q --no-compile -e ".[test]"
 echo "$want" > "$stamp"

@@ -4,6 +4,7 @@ precisions (the bf16 autocast path is the one a GPU run takes) and bench.py's pa
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,14 +42,26 @@ def load_bench():
     return load_script("bench")
 
 
-def test_partial_rerun_keeps_other_rows(tmp_path):
+def test_partial_rerun_keeps_other_rows_of_the_same_cpu(tmp_path):
     bench = load_bench()
     out = tmp_path / "results.json"
-    rows = [{"bench": "train", "row": "t", "clipkit": 1}, {"bench": "index", "row": "i"}]
+    cpu, other = "Intel(R) Xeon(R) Processor, 2 CPUs", "AMD EPYC 7B13, 2 CPUs"
+    rows = [
+        {"bench": "train", "row": "t", "clipkit": 1, "cpu_model": cpu},
+        {"bench": "index", "row": "i", "cpu_model": cpu},
+        {"bench": "data", "row": "d", "cpu_model": other},  # another machine: never mixed in
+        {"bench": "zeroshot", "row": "z"},  # from before rows named their CPU
+    ]
     out.write_text(json.dumps({"quick": False, "rows": rows}))
-    assert bench._earlier_rows(out, quick=False) == {"train": rows[0], "index": rows[1]}
-    assert bench._earlier_rows(out, quick=True) == {}  # another mode's file is not merged
-    assert bench._earlier_rows(tmp_path / "missing.json", quick=False) == {}
+    assert bench._earlier_rows(out, False, cpu) == {"train": rows[0], "index": rows[1]}
+    assert bench._earlier_rows(out, False, other) == {"data": rows[2]}
+    assert bench._earlier_rows(out, True, cpu) == {}  # another mode's file is not merged
+    assert bench._earlier_rows(tmp_path / "missing.json", False, cpu) == {}
+
+
+def test_cpu_model_names_the_processor():
+    name = load_script("bench").train_rows.cpu_model()
+    assert re.fullmatch(r".+, \d+ CPUs", name) and not name.startswith("unknown")
 
 
 def load_bench_accum():
@@ -96,3 +109,23 @@ def test_bench_accum_time_summary_arithmetic():
     assert exact["cpu_per_wall"] == 0.5 and "time_vs_plain" not in summary["plain", 1]
     table = bench.markdown({"memory": [], "time_summary": list(summary.values())})
     assert "| exact | 4 | 60.0 | 16.67 | 2.00x | 1.50x | 0.50x | 0.50 |" in table
+
+
+def test_step_profile_splits_a_clipkit_step_into_phases(demo_root, tmp_path):
+    """scripts/bench/step_profile.py on the `test` model: every phase it wraps was timed, the
+    phases and the loop's rest add up to the step, and the CPU shares are read."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "step_profile.py"), "clipkit"]
+    cmd += [str(tmp_path / "run"), "--warmup-steps", "2", "--"]
+    cmd += ["--data", str(demo_root / "train"), "--model", "test", "--steps", "6"]
+    cmd += ["--batch-size", "8", "--workers", "1", "--threads", "1", "--log-every", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["tool"] == "clipkit" and report["timed_steps"] == 4
+    phases = report["phases_s"]
+    timed = {"forward image", "forward text", "loss", "backward", "clip gradients", "optimizer"}
+    assert timed | {"data wait", "zero_grad", "other"} == set(phases)
+    assert all(phases[k] > 0 for k in timed)
+    assert sum(phases.values()) == pytest.approx(report["seconds_per_step"], rel=1e-9)
+    assert 0 < report["trainer_cores"] <= 1.5 and report["worker_cores"] >= 0
+    assert report["torch_threads"] == 1
