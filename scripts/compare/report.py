@@ -275,7 +275,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, ncol=2)
     fig.suptitle(
-        "Equal wall-clock runs: zero-shot accuracy along training (line style: augmentation)"
+        "Equal wall-clock runs: zero-shot accuracy along training\n(line style: augmentation)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
