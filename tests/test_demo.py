@@ -157,6 +157,49 @@ def test_caption_is_varied_and_always_correct():
     assert not any(re.search(r"\ba (orange|ring)\b", t) for t in singles)
 
 
+_COLOUR_WORDS = set(COLOURS) | {"colour", "coloured", "color", "colored"}
+
+
+def test_no_colour_captions_drop_only_the_colour(tmp_path, written):
+    out, summary = written
+    plain = write_demo(tmp_path / "nc", seed=0, captions="no-colour", **SMALL)
+    assert summary["captions"] == "all" and plain["captions"] == "no-colour"
+    assert json.loads((tmp_path / "nc" / "demo.json").read_text())["captions"] == "no-colour"
+    for split in ("train", "eval"):
+        with_colour = _split_samples(out / split)
+        without = _split_samples(tmp_path / "nc" / split)
+        assert len(without) == len(with_colour) == SMALL[f"{split}_samples"]
+        for a, b in zip(with_colour, without, strict=True):
+            attrs = json.loads(b["json"])
+            text = b["txt"].decode("utf-8")
+            words = set(re.findall(r"[a-z]+", text.lower()))
+            assert not words & _COLOUR_WORDS, text
+            shape_word = attrs["shape"] if attrs["count"] == 1 else PLURALS[attrs["shape"]]
+            assert shape_word in words and words & _COUNT_WORDS[attrs["count"]], text
+            # the same scene and pixels; the attributes still record the colour
+            assert b["jpg"] == a["jpg"]
+            assert {**attrs, "caption": ""} == {**json.loads(a["json"]), "caption": ""}
+            assert attrs["colour"] in COLOURS
+    # the zero-shot and probe sets do not depend on the captions
+    zeroshot = {k: v for k, v in _tree_bytes(out).items() if k.startswith("zeroshot/")}
+    assert zeroshot == {
+        k: v for k, v in _tree_bytes(tmp_path / "nc").items() if k.startswith("zeroshot/")
+    }
+
+
+def test_no_colour_caption_names_the_rest():
+    rng = np.random.default_rng(1)
+    attrs = {"shape": "ring", "colour": "orange", "count": 1, "size": "small",
+             "position": "left", "background": "gradient"}  # fmt: skip
+    texts = [caption(rng, attrs, name_colour=False) for _ in range(300)]
+    words = set().union(*(re.findall(r"[a-z]+", t.lower()) for t in texts))
+    assert not words & _COLOUR_WORDS
+    assert {"ring", "left", "small", "gradient", "fade"} <= words
+    assert not any(re.search(r"\ba [aeiou]", t) for t in texts)  # the article still agrees
+    with pytest.raises(ValueError, match="captions must be one of all, no-colour"):
+        write_demo("unused", captions="grey", **SMALL)
+
+
 def test_sizes_json_counts_the_real_samples(written):
     out, summary = written
     for split, total, per_shard in (("train", 60, [25, 25, 10]), ("eval", 20, [20])):
@@ -242,11 +285,11 @@ def test_failure_leaves_previous_output_untouched(tmp_path, monkeypatch):
     before = _tree_bytes(out)
     calls = {"n": 0}
 
-    def broken_caption(rng, attrs):
+    def broken_caption(rng, attrs, **options):
         calls["n"] += 1
         if calls["n"] > 40:  # fail inside the second train shard
             raise RuntimeError("boom")
-        return caption(rng, attrs)
+        return caption(rng, attrs, **options)
 
     monkeypatch.setattr(demo, "caption", broken_caption)
     with pytest.raises(RuntimeError, match="boom"):

@@ -38,13 +38,23 @@ def _demo_options(fn):
         ),
         ("--image-size", 64, None, "Image side in pixels."),
         ("--shard-size", 1000, None, "Samples per shard."),
+        (
+            "--captions",
+            "all",
+            click.Choice(["all", "no-colour"]),  # clipkit.data.demo.CAPTION_SETS, kept light
+            "all: captions name the shape and the colour (and sometimes size, count, position, "
+            "background). no-colour: the same captions without any colour word, for training "
+            "with colour-changing augmentation; images and attributes are the same.",
+        ),
     ]
     return stack_options(fn, [out, *option_rows(rows)])
 
 
 @data.command()
 @_demo_options
-def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size):
+def demo(
+    out, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size, captions
+):
     """Write synthetic captioned scenes (shapes, colours, counts, positions, backgrounds) as
     WebDataset shards, a held-out eval split, and CLIP_benchmark-style classification sets."""
     from clipkit.data.demo import write_demo
@@ -58,6 +68,7 @@ def demo(out, seed, train_samples, eval_samples, probe_train_samples, image_size
         probe_train_samples=probe_train_samples,
         image_size=image_size,
         shard_size=shard_size,
+        captions=captions,
     )
     click.echo(f"demo data written to {out}")
     for key, value in summary.items():

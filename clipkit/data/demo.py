@@ -11,6 +11,9 @@ Layout written by `write_demo(OUT)`:
     OUT/demo.json                                 the summary `write_demo` returns
     OUT/.clipkit-output                           marker: a later demo may replace this folder
 
+Captions name the shape and the colour; `captions="no-colour"` (`clipkit data demo --captions
+no-colour`) writes the same images with captions that never name the colour.
+
 The eval split and the zero-shot `test` splits use only (shape, colour) combinations that never
 appear in training, so they measure compositional generalisation rather than memorisation.
 """
@@ -66,6 +69,8 @@ _BACKGROUND_PHRASES = {
     "striped": ("against a striped background", "on stripes", "over a striped pattern"),
     "noisy": ("on a noisy background", "against a speckled texture", "over a grainy backdrop"),
 }
+_COLOUR_FREE = {"over a colour fade": "over a soft fade"}  # no-colour captions avoid the word
+CAPTION_SETS = ("all", "no-colour")  # `no-colour`: shape, size, count, position, background
 _TEMPLATES = (
     "a photo of {np}{where}.", "{np}{where}", "an image of {np}{where}.",
     "a picture showing {np}{where}", "a drawing of {np}{where}.",
@@ -121,17 +126,23 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[rng.integers(len(options))]
 
 
-def caption(rng: np.random.Generator, attrs: dict) -> str:
-    """A varied English caption that always names the shape and colour (size, position and
-    background are each mentioned only some of the time, as in real alt-text)."""
+def caption(rng: np.random.Generator, attrs: dict, name_colour: bool = True) -> str:
+    """A varied English caption that always names the shape and, unless `name_colour` is off, the
+    colour (size, position and background are each mentioned only some of the time, as in real
+    alt-text).
+
+    Without the colour the caption makes the very same random draws and only leaves the colour
+    words out, so the images and every later caption of a split stay those of the colour version:
+    the two caption sets differ in their text alone."""
     count, colour = attrs["count"], attrs["colour"]
     noun = attrs["shape"] if count == 1 else PLURALS[attrs["shape"]]
     size = _pick(rng, _SIZE_WORDS[attrs["size"]]) if rng.random() < 0.6 else ""
     if rng.random() < 0.75:
-        phrase = " ".join(w for w in (size, colour, noun) if w)
+        phrase = " ".join(w for w in (size, colour if name_colour else "", noun) if w)
     else:
-        phrase = " ".join(w for w in (size, noun) if w) + _pick(rng, (" in ", " coloured "))
-        phrase += colour
+        phrase = " ".join(w for w in (size, noun) if w)
+        linker = _pick(rng, (" in ", " coloured "))
+        phrase += linker + colour if name_colour else ""
     det = _pick(rng, _COUNT_WORDS[count])
     if det == "a" and phrase[0] in "aeiou":
         det = "an"
@@ -139,7 +150,8 @@ def caption(rng: np.random.Generator, attrs: dict) -> str:
     if rng.random() < 0.7:
         where += " " + _pick(rng, _POSITION_PHRASES[attrs["position"]])
     if rng.random() < 0.4:
-        where += " " + _pick(rng, _BACKGROUND_PHRASES[attrs["background"]])
+        background = _pick(rng, _BACKGROUND_PHRASES[attrs["background"]])
+        where += " " + (background if name_colour else _COLOUR_FREE.get(background, background))
     template = _pick(rng, _TEMPLATES)
     return template.format(np=f"{det} {phrase}", where=where, be="is" if count == 1 else "are")
 
@@ -163,12 +175,15 @@ def _write_shards(
     return sizes
 
 
-def _captioned(rng: np.random.Generator, combos, n: int, image_size: int) -> Iterator:
-    """img2dataset-style samples (key.jpg, key.txt, key.json) for pairs in `combos`."""
+def _captioned(
+    rng: np.random.Generator, combos, n: int, image_size: int, name_colour: bool = True
+) -> Iterator:
+    """img2dataset-style samples (key.jpg, key.txt, key.json) for pairs in `combos`; the json
+    records every attribute (the colour too) whatever the caption names."""
     for i in range(n):
         attrs = sample_attrs(rng, combos)
         image = draw_scene(rng, attrs, image_size)
-        attrs["caption"] = caption(rng, attrs)
+        attrs["caption"] = caption(rng, attrs, name_colour=name_colour)
         key = f"{i:09d}"
         meta = json.dumps({"key": key, **attrs}, sort_keys=True)
         yield (
@@ -220,7 +235,14 @@ def _write_zeroshot(task: str, root: Path, splits: dict, image_size: int, shard_
 
 
 def _write_splits(
-    root: Path, seed: int, n_train: int, n_eval: int, n_probe: int, image_size: int, shard_size: int
+    root: Path,
+    seed: int,
+    n_train: int,
+    n_eval: int,
+    n_probe: int,
+    image_size: int,
+    shard_size: int,
+    captions: str,
 ) -> dict:
     held, seen = held_out_combos(seed), train_combos(seed)
     # A probe's train split draws from every pair: were it limited to the pretraining pairs, a
@@ -228,8 +250,9 @@ def _write_splits(
     every = tuple(sorted(held + seen))
     # Independent streams per split, so changing one split's size leaves the others unchanged.
     rngs = [np.random.default_rng([seed, k]) for k in range(1, 7)]
-    train = _captioned(rngs[0], seen, n_train, image_size)
-    held_out = _captioned(rngs[1], held, n_eval, image_size)
+    name_colour = captions == "all"
+    train = _captioned(rngs[0], seen, n_train, image_size, name_colour)
+    held_out = _captioned(rngs[1], held, n_eval, image_size, name_colour)
     zeroshot = {
         task: _write_zeroshot(task, root / "zeroshot" / task, {
             "train": (rngs[2 + 2 * t], every, n_probe), "test": (rngs[3 + 2 * t], held, n_eval),
@@ -239,6 +262,7 @@ def _write_splits(
     return {
         "seed": seed,
         "image_size": image_size,
+        "captions": captions,
         "held_out_combos": [list(c) for c in held],
         "train_combos": [list(c) for c in seen],
         "train": _write_captioned(root / "train", train, n_train, shard_size),
@@ -256,9 +280,14 @@ def write_demo(
     probe_train_samples: int = 1000,
     image_size: int = 64,
     shard_size: int = 1000,
+    captions: str = "all",
 ) -> dict:
     """Write the whole synthetic dataset under `out` and return a summary (also saved as
     `out/demo.json`).
+
+    `captions`: `all` names shape and colour (plus, some of the time, size, count, position and
+    background); `no-colour` never names the colour (a task on which colour-changing augmentation
+    does not contradict the text). Images, attributes and the zero-shot sets are the same.
 
     `out` must be new, empty, or an earlier demo output (its `.clipkit-output` marker says so):
     a folder holding anything else (a user's own train/ or eval/ shards...) is refused, so a
@@ -275,6 +304,8 @@ def write_demo(
     for name, value in sizes.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1 (got {value})")
+    if captions not in CAPTION_SETS:
+        raise ConfigError(f"captions must be one of {', '.join(CAPTION_SETS)} (got {captions!r})")
     if image_size < 16:
         raise ConfigError(f"image_size must be >= 16 (got {image_size})")
     # an earlier demo output is replaced without a flag: the demo rewrites only its own entries
@@ -286,8 +317,9 @@ def write_demo(
     try:
         with writing(out):
             summary = _write_splits(
-                tmp, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size
-            )
+                tmp, seed, train_samples, eval_samples, probe_train_samples, image_size, shard_size,
+                captions,
+            )  # fmt: skip
             (tmp / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
             write_marker(out, DEMO_KIND)  # first: a swap that fails midway stays replaceable
             for name in ("train", "eval", "zeroshot", "demo.json"):
