@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: set up, write the built-in demo data, pretrain a tiny CLIP on it,
 # then evaluate it (zero-shot, retrieval index + gallery, linear probe) and print a summary.
-# Everything lands in ./demo_out (override with DEMO_OUT=...). About 5-10 minutes on 2 CPU cores.
+# Everything lands in ./demo_out (override with DEMO_OUT=...; DEMO_STEPS and DEMO_TRAIN_SAMPLES
+# change the recipe). About 5-6 minutes on 2 idle CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,17 +10,20 @@ export PYTHONUNBUFFERED=1
 CK=.venv/bin/clipkit
 OUT=${DEMO_OUT:-demo_out}
 STEPS=${DEMO_STEPS:-400}
+# 20000 pairs: 400 x 100 samples are 2 epochs. Measured: zero-shot shape 38% after the same
+# training on 20000 pairs, 32% on 5000 (8 epochs; README, 'Two commands').
+TRAIN_SAMPLES=${DEMO_TRAIN_SAMPLES:-20000}
 mkdir -p "$OUT"
 
 if [ ! -f "$OUT/data/demo.json" ]; then
-  $CK data demo --out "$OUT/data" --seed 0
+  $CK data demo --out "$OUT/data" --seed 0 --train-samples "$TRAIN_SAMPLES"
 fi
 
 RUN="$OUT/runs/tiny-clip"
 if [ -f "$RUN/checkpoints/latest.pt" ]; then
   echo "run $RUN exists: skipping pretraining (delete it to retrain)"
 else
-  $CK pretrain --data "$OUT/data/train" --out "$RUN" --model tiny-64 --steps "$STEPS" \
+  $CK pretrain --data "$OUT/data/train" --out "$RUN" --model tiny-rn-64 --steps "$STEPS" \
     --batch-size 100 --lr 1e-3 --warmup 40 --workers 2 --log-every 10 --save-every 200
 fi
 
