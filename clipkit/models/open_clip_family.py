@@ -48,12 +48,30 @@ def _tiny(image: int, patch: int, width: int, layers: int, context: int, embed: 
     }
 
 
+def _tiny_resnet(image: int, width: int, text: int, embed: int) -> dict:
+    """open_clip's ModifiedResNet image tower (a `layers` tuple selects it: one bottleneck block
+    per stage, BatchNorm, attention pooling) beside a `_tiny` text tower of width `text`. On the
+    demo data it learns more shape than the ViT `tiny-64` at a lower cost (README, 'Two commands':
+    zero-shot shape 32% against 25% after the same 400 steps, at 0.57x the time per step)."""
+    cfg = _tiny(image=image, patch=8, width=text, layers=4, context=32, embed=embed)
+    # the last stage has width * 32 channels; its attention pool uses 64-wide heads
+    cfg["vision_cfg"] = {
+        "image_size": image,
+        "layers": (1, 1, 1, 1),
+        "width": width,
+        "head_width": 64,
+    }
+    return cfg
+
+
 # clipkit's own open_clip-family presets: CPU-sized ones for tests, the demo and benchmarks.
 PRESETS: dict[str, dict] = {
     "test": _tiny(image=32, patch=8, width=32, layers=2, context=16, embed=32),
     # The issue's reference architecture (image 32, patch 4, width 128, 4+4 layers, ctx 32).
     "tiny": _tiny(image=32, patch=4, width=128, layers=4, context=32, embed=128),
     "tiny-64": _tiny(image=64, patch=8, width=128, layers=4, context=32, embed=128),
+    # The demo's model (scripts/demo.sh): a small ResNet image tower, text width 64.
+    "tiny-rn-64": _tiny_resnet(image=64, width=16, text=64, embed=64),
     "small-64": _tiny(image=64, patch=8, width=256, layers=6, context=32, embed=256),
     # ViT-S/16 image tower with a 384-wide text tower: the CPU hardware-use benchmark's model.
     "vit-s-16": {
