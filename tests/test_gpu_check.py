@@ -20,7 +20,7 @@ STEPS = ("data", "bf16", "fp16", "resume", "methods", "index", "zeroshot")
 def gpu_check(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     cmd = [str(SCRIPT), "--dry-run", "--out", str(out), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def numbers(value):
