@@ -316,9 +316,6 @@ def gloo_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.xdist_group(
-    "exact-accum-gloo"
-)  # one spawn of the ranks for every case, not one per worker
 @pytest.mark.parametrize("case", GLOO_CASES)
 def test_two_gloo_ranks_equal_one_process(gloo_results, case):
     method = build(case)

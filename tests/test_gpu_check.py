@@ -32,11 +32,6 @@ def numbers(value):
         yield value
 
 
-# The tests that read the dry run share one worker (pytest -n 2 --dist loadgroup), so that it
-# runs once, not once per worker.
-SAME_DRY_RUN = pytest.mark.xdist_group("gpu-check-dry-run")
-
-
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
@@ -45,7 +40,6 @@ def dry_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@SAME_DRY_RUN
 def test_dry_run_writes_every_step(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -68,7 +62,6 @@ def test_dry_run_writes_every_step(dry_run):
 
 
 @pytest.mark.slow
-@SAME_DRY_RUN
 def test_dry_run_figures(dry_run):
     _, out = dry_run
     steps = json.loads((out / "gpu_check.json").read_text())["steps"]

@@ -105,11 +105,6 @@ def _rank_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-# The tests of the spawned ranks share one worker (pytest -n 2 --dist loadgroup): each spawn
-# runs once, not once per worker.
-SAME_RANKS = pytest.mark.xdist_group("siglip-ranks")
-
-
 @pytest.fixture(
     scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow)], ids=["world2", "world3"]
 )
@@ -121,7 +116,6 @@ def ranks(request, tmp_path_factory):
     return world, [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
-@SAME_RANKS
 @pytest.mark.parametrize("impl", ["bidir", "shift"])
 def test_siglip_equals_open_clip_on_each_rank(ranks, impl):
     world, results = ranks
@@ -133,7 +127,6 @@ def test_siglip_equals_open_clip_on_each_rank(ranks, impl):
             torch.testing.assert_close(got, want, **TOL, msg=f"rank {rank} {name}")
 
 
-@SAME_RANKS
 @pytest.mark.parametrize("impl", ["bidir", "shift"])
 def test_siglip_over_ranks_is_one_process_over_the_whole_batch(ranks, impl):
     """Mean of the ranks' losses = one process's; a rank's feature gradients are world x the

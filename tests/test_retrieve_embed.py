@@ -41,11 +41,6 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return res
 
 
-# The tests that compare against the one-process embedding share one worker (pytest -n 2
-# --dist loadgroup): it is computed once, not once per worker.
-SAME_REFERENCE = pytest.mark.xdist_group("embed-one-process")
-
-
 @pytest.fixture(scope="module")
 def one_process(tiny_checkpoint, demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("embed") / "one"
@@ -69,7 +64,6 @@ def _assert_same(a: Path, b: Path) -> None:
     assert ma == mb
 
 
-@SAME_REFERENCE
 def test_layout_and_metadata(one_process, demo_root):
     """clip-retrieval's file names and columns; one row per image, one caption row per image."""
     shards = sorted((demo_root / "train").glob("*.tar"))
@@ -93,7 +87,6 @@ def test_layout_and_metadata(one_process, demo_root):
     assert parts.total == sum(sizes.values()) and parts.dim == 32
 
 
-@SAME_REFERENCE
 def test_two_ranks_write_what_one_process_writes(one_process, tiny_checkpoint, demo_root, tmp_path):
     out = tmp_path / "two"
     res = _run(_embed_cmd(tiny_checkpoint, demo_root / "train", out, nproc=2))
@@ -101,7 +94,6 @@ def test_two_ranks_write_what_one_process_writes(one_process, tiny_checkpoint, d
     _assert_same(one_process, out)
 
 
-@SAME_REFERENCE
 def test_resume_after_sigkill(one_process, tiny_checkpoint, demo_root, tmp_path):
     """Kill the job once a part is complete; the rerun keeps that part's files untouched."""
     out = tmp_path / "killed"
@@ -125,7 +117,6 @@ def test_resume_after_sigkill(one_process, tiny_checkpoint, demo_root, tmp_path)
     _assert_same(one_process, out)
 
 
-@SAME_REFERENCE
 def test_refuses_other_model_on_resume(one_process, demo_root, tmp_path):
     """A rerun into a folder embedded by other weights is refused (exit 2), nothing written."""
     out = tmp_path / "copy"
