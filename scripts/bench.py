@@ -39,6 +39,8 @@ BENCH_DIR = ROOT / ".bench"
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 import train_rows  # noqa: E402
 
+TINY = train_rows.TINY  # the issue's reference architecture (scripts/bench_accum.py uses it too)
+
 
 def write_demo(out: Path, train: int, eval_: int, probe: int, size: int, shard: int) -> Path:
     """The built-in demo data, written once and reused by later runs."""
