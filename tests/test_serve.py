@@ -20,7 +20,7 @@ import pytest
 from cli_util import invoke
 from serve_util import ROOT, Server
 
-pytestmark = pytest.mark.slow  # one server for the module: --dist loadscope keeps it on one worker
+pytestmark = pytest.mark.slow
 CLIPRETRIEVAL_PYTHON = ROOT / ".venv-clipretrieval" / "bin" / "python"
 
 
