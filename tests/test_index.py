@@ -264,5 +264,10 @@ def test_cli_index_warns_when_target_missed(demo_root, tmp_path):
     assert warnings == [ix.shortfall_message(report, 2**10)]
     assert f"recall@10 {report['recall@10']:.3f} < target 1.0 under the 1,024 B" in warnings[0]
     assert "(IVF1,SQ6) needs ~" in warnings[0]
-    result = CliRunner().invoke(cli, [*args, "--max-memory", "1MB", "--out", tmp_path / "b"])
-    assert result.exit_code == 0 and "warning:" not in result.output
+    # A roomy budget lets `auto` keep exact search: the target is met and nothing is printed.
+    # (Not SQ8 again: the random-weight embeddings are near-ties, so 8-bit recall moves with the
+    # last bits of the matmuls, e.g. the thread count an earlier test left.)
+    roomy = [a if a != "ivf-sq" else "auto" for a in args]
+    result = CliRunner().invoke(cli, [*roomy, "--max-memory", "1MB", "--out", tmp_path / "b"])
+    assert result.exit_code == 0 and "warning:" not in result.output, result.output
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["reached"] is True

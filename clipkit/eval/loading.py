@@ -24,6 +24,7 @@ from clipkit.models import factory
 from clipkit.models.family import local_dir_name, parse_model_name
 
 log = logging.getLogger(__name__)
+RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass
@@ -67,10 +68,18 @@ def _from_checkpoint(path: str, weights: str) -> LoadedModel:
 
 def _from_open_clip(name: str, pretrained: str | None) -> LoadedModel:
     cfg = ModelConfig(name=name, pretrained=pretrained)
-    model = factory.build(cfg)
     weights_file = pretrained if pretrained is not None else factory.default_weights(name)
+    # Random weights come from a fixed seed, so that a random baseline (and a test that builds
+    # one) gives the same numbers whatever ran before it in the process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = factory.build(cfg)
     if weights_file is None:
-        log.warning("model %s has random weights (no --pretrained file given)", name)
+        log.warning(
+            "model %s has random weights (seed %d; no --pretrained file given)",
+            name,
+            RANDOM_WEIGHTS_SEED,
+        )
     folder = parse_model_name(name).folder
     if folder is not None:  # results and index dirs name the folder absolutely
         name = local_dir_name(folder.resolve())
