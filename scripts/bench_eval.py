@@ -5,7 +5,7 @@ zero-shot against open_clip_train's `--zeroshot-frequency` evaluation.
     python scripts/bench_eval.py --out docs/bench-eval.json   # docs/benchmarks.md (6.5 min here)
     python scripts/bench_eval.py --quick --out /tmp/e.json    # checks the script (minutes)
 
-cost: the demo's model and batch (scripts/demo.sh: `tiny-64`, batch 100, 2 workers) on
+cost: the demo's model and batch (scripts/demo.sh: `tiny-rn-64`, batch 100, 2 workers) on
   `clipkit data demo` data. Seconds of one training step (median of the steps after the first
   --skip-steps of a fresh `clipkit pretrain --log-every 1`, from its metrics.jsonl) against the
   seconds of each evaluation the demo would run while it trains (zero-shot shape and colour,
@@ -45,7 +45,7 @@ BENCH_DIR = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(BENCH_DIR))
 from measure import run_measured  # noqa: E402
 
-DEMO = {"model": "tiny-64", "batch": 100, "workers": 2}  # scripts/demo.sh's pretraining
+DEMO = {"model": "tiny-rn-64", "batch": 100, "workers": 2}  # scripts/demo.sh's pretraining
 EVAL_READING = {"batch": 64, "workers": 2}  # pretrain's --eval-batch-size / --eval-workers
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
