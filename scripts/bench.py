@@ -216,6 +216,25 @@ def _earlier_rows(out: Path, quick: bool, cpu: str) -> dict[str, dict]:
     return {r["bench"]: r for r in earlier["rows"] if "bench" in r and r.get("cpu_model") == cpu}
 
 
+def _set_aside(out: Path, quick: bool, cpu: str) -> Path | None:
+    """Copy `out` to `<stem>-<its date>.json` when this run would drop some of its rows (another
+    mode, another or an unrecorded CPU), so that no earlier measurement is lost; the copy's path."""
+    if not out.exists():
+        return None
+    kept = _earlier_rows(out, quick, cpu)
+    earlier = json.loads(out.read_text())
+    if len(kept) == len([r for r in earlier.get("rows", []) if "bench" in r]):
+        return None
+    stem, date = out.stem, earlier.get("date", "undated")
+    aside = out.with_name(f"{stem}-{date}.json")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out.with_name(f"{stem}-{date}-{n}.json")
+    shutil.copyfile(out, aside)
+    return aside
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,6 +266,9 @@ def main() -> None:
         "rows": [],
     }
     out = Path(args.out or ROOT / "docs" / f"bench-results{'' if args.quick else '-full'}.json")
+    aside = _set_aside(out, args.quick, cpu)
+    if aside is not None:
+        print(f"{out} holds rows of another machine or mode: copied to {aside}", flush=True)
     kept = _earlier_rows(out, args.quick, cpu)
     for name in args.rows.split(","):
         row = {"bench": name, "date": results["date"], "cpu_model": cpu}

@@ -59,6 +59,21 @@ def test_partial_rerun_keeps_other_rows_of_the_same_cpu(tmp_path):
     assert bench._earlier_rows(tmp_path / "missing.json", False, cpu) == {}
 
 
+def test_rows_of_another_machine_are_set_aside_not_lost(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "results.json"
+    cpu = "Intel(R) Xeon(R) Processor, 2 CPUs"
+    rows = [{"bench": "train", "cpu_model": cpu}, {"bench": "data"}]  # the second: no CPU named
+    out.write_text(json.dumps({"quick": False, "date": "2026-11-25", "rows": rows}))
+    aside = bench._set_aside(out, False, cpu)
+    assert aside == tmp_path / "results-2026-11-25.json"
+    assert json.loads(aside.read_text())["rows"] == rows
+    assert bench._set_aside(out, False, cpu) == tmp_path / "results-2026-11-25-2.json"
+    out.write_text(json.dumps({"quick": False, "date": "2026-12-03", "rows": rows[:1]}))
+    assert bench._set_aside(out, False, cpu) is None  # nothing would be dropped
+    assert bench._set_aside(tmp_path / "missing.json", False, cpu) is None
+
+
 def test_cpu_model_names_the_processor():
     name = load_script("bench").train_rows.cpu_model()
     assert re.fullmatch(r".+, \d+ CPUs", name) and not name.startswith("unknown")
