@@ -42,10 +42,10 @@ def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "ViT-S-32"
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    torch.manual_seed(0)  # the same seed before each build: the same initial weights
+    ours = factory.build(ModelConfig(name=name))
     torch.manual_seed(0)
-    models = {"clipkit": factory.build(ModelConfig(name=name)), "open_clip": None}
-    torch.manual_seed(0)
-    models["open_clip"] = open_clip.create_model(name)
+    models = {"clipkit": ours, "open_clip": open_clip.create_model(name)}
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     types = {k: [type(x).__name__ for x in m.modules()] for k, m in models.items()}
     print(f"parameters: {counts}; module types equal: {types['clipkit'] == types['open_clip']}")
