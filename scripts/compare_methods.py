@@ -119,7 +119,7 @@ ZEROSHOT_TASKS = {  # --task: the demo's captions, and the zero-shot tasks they 
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes, 2 seeds (a few minutes per augmentation)"
@@ -154,7 +154,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plot", help="PNG path (default next to the report)")
     p.add_argument("--report-only", action="store_true", help="redraw from OUT/results.json")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's weights")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     _check_choices(p, args)
     _default_paths(args)
     return args
@@ -192,7 +192,11 @@ def _default_paths(args: argparse.Namespace) -> None:
         args.out / "results.md" if args.quick else ROOT / "docs" / f"results{suffix}.md"
     )
     args.report = Path(args.report) if args.report else default_report
-    default_plot = args.report.parent / "images" / f"compare-zeroshot-time{suffix}.png"
+    # named after the report (results-X.md -> compare-zeroshot-time-X.png), so that a report of
+    # one's own never overwrites the plot another report shows
+    stem = args.report.stem
+    tail = stem.removeprefix("results") if stem.startswith("results") else f"-{stem}"
+    default_plot = args.report.parent / "images" / f"compare-zeroshot-time{tail}.png"
     args.plot = Path(args.plot) if args.plot else default_plot
 
 
@@ -238,7 +242,8 @@ def main() -> None:
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(results_path)
     write_report(summary, args.report, args.plot)
-    log(f"done in {summary['total_seconds'] / 60:.1f} min: {args.report}, {args.plot}")
+    drawn = f", {args.plot}" if args.plot.is_file() else " (no equal-time runs: no plot)"
+    log(f"done in {summary['total_seconds'] / 60:.1f} min: {args.report}{drawn}")
 
 
 def summarise(args: argparse.Namespace, cmp: Comparison, clip_time, per_sample) -> dict:

@@ -202,3 +202,21 @@ def test_no_colour_report_uses_shape_only(tmp_path):
     assert table == ["| equal samples | aclip | clip | online | 1.00 M | 256 | 1 ± 0 | 25.0 ± 5.0 |"
                      " 10.0 ± 0.0 | 20.0 ± 0.0 | 30.0 ± 0.0 |"]  # fmt: skip
     assert not (tmp_path / "p.png").exists()  # no equal-time runs, no plot
+
+
+@pytest.mark.parametrize(
+    "argv, plot",
+    [
+        ([], ROOT / "docs/images/compare-zeroshot-time.png"),
+        (["--task", "no-colour"], ROOT / "docs/images/compare-zeroshot-time-no-colour.png"),
+        (["--report", "/r/results-ablation.md"], "/r/images/compare-zeroshot-time-ablation.png"),
+        (["--report", "/r/mine.md"], "/r/images/compare-zeroshot-time-mine.png"),
+        (["--report", "/r/mine.md", "--plot", "/p.png"], "/p.png"),
+    ],
+)
+def test_plot_is_named_after_the_report(argv, plot):
+    """A report of one's own (the ablation rows, say) must not overwrite another report's plot."""
+    from script_loader import load_script
+
+    args = load_script("compare_methods").parse_args(argv)
+    assert args.plot == Path(plot)
