@@ -151,7 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report",
         help="markdown report (default docs/results[-no-colour].md; quick: OUT/results.md)",
     )
-    p.add_argument("--plot", help="PNG path (default next to the report)")
+    p.add_argument(
+        "--plot",
+        help="PNG path (default: the report's folder/images/compare-zeroshot-time[-NAME].png, "
+        "NAME from the report's name)",
+    )
     p.add_argument("--report-only", action="store_true", help="redraw from OUT/results.json")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's weights")
     args = p.parse_args(argv)
@@ -241,9 +245,9 @@ def main() -> None:
     tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(results_path)
-    write_report(summary, args.report, args.plot)
-    drawn = f", {args.plot}" if args.plot.is_file() else " (no equal-time runs: no plot)"
-    log(f"done in {summary['total_seconds'] / 60:.1f} min: {args.report}{drawn}")
+    drawn = write_report(summary, args.report, args.plot)
+    plot_note = f", {args.plot}" if drawn else " (no equal-time runs: no plot)"
+    log(f"done in {summary['total_seconds'] / 60:.1f} min: {args.report}{plot_note}")
 
 
 def summarise(args: argparse.Namespace, cmp: Comparison, clip_time, per_sample) -> dict:

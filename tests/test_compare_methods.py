@@ -214,9 +214,14 @@ def test_no_colour_report_uses_shape_only(tmp_path):
         (["--report", "/r/mine.md", "--plot", "/p.png"], "/p.png"),
     ],
 )
-def test_plot_is_named_after_the_report(argv, plot):
+def test_plot_is_named_after_the_report(argv, plot, monkeypatch):
     """A report of one's own (the ablation rows, say) must not overwrite another report's plot."""
     from script_loader import load_script
 
+    # Importing the script sets TQDM_DISABLE for its in-process runs; had it leaked into this
+    # worker's environment, every later `clipkit pretrain` subprocess would run without a
+    # progress bar (and the signal tests, which wait for it, would time out). Owning the
+    # variable here makes the script's setdefault a no-op and restores the old state afterwards.
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     args = load_script("compare_methods").parse_args(argv)
     assert args.plot == Path(plot)

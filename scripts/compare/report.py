@@ -336,9 +336,12 @@ def _task_text(summary: dict) -> str:
     return f"Task: {data}. Every method runs under each augmentation ({augments}).{evals}"
 
 
-def write_report(summary: dict, path: Path, plot_path: Path) -> None:
+def write_report(summary: dict, path: Path, plot_path: Path) -> bool:
+    """Write the markdown report (and the plot, where there are equal-time runs to draw); returns
+    whether a plot was drawn."""
     summary = upgrade(summary)
-    if _has_time_runs(summary):
+    drawn = _has_time_runs(summary)
+    if drawn:
         plot(summary, plot_path)
     s = summary["setup"]
     rel_plot = os.path.relpath(Path(plot_path).resolve(), Path(path).resolve().parent)
@@ -392,3 +395,4 @@ def write_report(summary: dict, path: Path, plot_path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(text))
     tmp.replace(path)
+    return drawn
