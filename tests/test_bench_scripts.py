@@ -145,3 +145,17 @@ def test_step_profile_splits_a_clipkit_step_into_phases(demo_root, tmp_path):
     assert sum(phases.values()) == pytest.approx(report["seconds_per_step"], rel=1e-9)
     assert 0 < report["trainer_cores"] <= 1.5 and report["worker_cores"] >= 0
     assert report["torch_threads"] == 1
+
+
+def test_demo_shape_supervised_check_runs(demo_root):
+    """scripts/bench/demo_shape_supervised.py: a few steps on the small demo set, one JSON line
+    with every accuracy the docs quote (the 400-step figures are in docs/benchmarks.md)."""
+    script = ROOT / "scripts" / "bench" / "demo_shape_supervised.py"
+    cmd = [sys.executable, str(script), "--data-root", str(demo_root), "--steps", "3"]
+    out = subprocess.run(cmd + ["--batch", "8"], capture_output=True, text=True, check=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["model"] == "tiny-rn-64" and row["steps"] == 3
+    keys = ["training_images", "new_images_seen_pairs", "new_images_held_out_pairs"]
+    for key in [*keys, "zeroshot_test_split"]:
+        assert 0.0 <= row[f"acc_{key}"] <= 1.0, (key, row)
+    assert row["final_loss"] > 0
