@@ -2,10 +2,11 @@
 
 Trains the image tower of a clipkit preset (default `tiny-rn-64`, the demo's model) plus a linear
 head on the shape labels of the demo's training pairs with cross-entropy, for the demo's steps and
-batch (AdamW, linear warmup then cosine), and reports shape accuracy on: training images, new
-images of training (shape, colour) pairs, and images of held-out pairs (the probe split's, and the
-zero-shot test split that `clipkit zero-shot demo --task shape` scores). The held-out figure is
-what the demo's zero-shot shape can be compared with. Prints one JSON line.
+batch, with `clipkit pretrain`'s optimizer, weight-decay rule and learning-rate schedule
+(clipkit.train.optim) and the model's evaluation preprocessing, and reports shape accuracy on:
+training images, new images of training (shape, colour) pairs, and images of held-out pairs (the
+probe split's, and the zero-shot test split that `clipkit zero-shot demo --task shape` scores).
+The held-out figure is what the demo's zero-shot shape can be compared with. Prints one JSON line.
 
     .venv/bin/clipkit data demo --out demo_out/data --seed 0 --train-samples 20000
     .venv/bin/python scripts/bench/demo_shape_supervised.py --data-root demo_out/data
@@ -17,30 +18,24 @@ import argparse
 import glob
 import io
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
-from torchvision import transforms
 
-from clipkit.config import ModelConfig
+from clipkit.config import ModelConfig, OptimConfig
 from clipkit.data.demo_draw import SHAPES
 from clipkit.data.eval_io import iter_tar_samples
+from clipkit.data.transforms import eval_transform
 from clipkit.models import factory
+from clipkit.train.optim import build_optimizer, lr_at, set_lr
 
 
-def load_split(pattern: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+def load_split(pattern: str, to_tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
     """Images, shape labels and (shape, colour) of every sample of the shards `pattern` names
     (captioned shards carry the attributes in key.json, labelled ones too)."""
-    to_tensor = transforms.Compose([
-        transforms.Resize(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
-    ])  # fmt: skip
     images, labels, pairs = [], [], []
     for shard in sorted(glob.glob(pattern)):
         for _, fields in iter_tar_samples(shard):
@@ -78,29 +73,23 @@ def main() -> None:
     cfg = ModelConfig(name=args.model)
     cfg.arch = factory.resolve_arch(cfg)
     tower = factory.build(cfg).visual
-    size = cfg.arch["model_cfg"]["vision_cfg"]["image_size"]
-    train_x, train_y, _ = load_split(str(root / "train" / "*.tar"), size)
-    probe_x, probe_y, probe_pairs = load_split(str(root / "zeroshot/shape/train/*.tar"), size)
-    test_x, test_y, _ = load_split(str(root / "zeroshot/shape/test/*.tar"), size)
+    to_tensor = eval_transform(factory.preprocess(cfg.arch))
+    train_x, train_y, _ = load_split(str(root / "train" / "*.tar"), to_tensor)
+    probe_x, probe_y, probe_pairs = load_split(str(root / "zeroshot/shape/train/*.tar"), to_tensor)
+    test_x, test_y, _ = load_split(str(root / "zeroshot/shape/test/*.tar"), to_tensor)
     held = {tuple(p) for p in json.loads((root / "demo.json").read_text())["held_out_combos"]}
 
     head = nn.Linear(tower.output_dim, len(SHAPES))
-    params = [*tower.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.2)
-
-    def lr_factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(args.warmup, 1))
-        return warm * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optim_cfg = OptimConfig(lr=args.lr, warmup=args.warmup)
+    optimizer = build_optimizer(nn.ModuleList([tower, head]), optim_cfg, torch.device("cpu"))
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        set_lr(optimizer, lr_at(step, args.steps, optim_cfg))
         idx = torch.randint(0, len(train_x), (args.batch,))
         loss = nn.functional.cross_entropy(head(tower(train_x[idx])), train_y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
     seconds = time.perf_counter() - t0
 
     tower.eval()  # BatchNorm with its running statistics, as evaluation uses it
