@@ -13,14 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from compare.report import paired, primary, verdict, write_report  # noqa: E402
+from compare.report import paired, primary, retrieval, verdict, write_report  # noqa: E402
 
 
-def _run(method, seed, budget, shape, colour, samples=256, seconds=1.0, augment="clip"):
+def _run(method, seed, budget, shape, colour, samples=256, seconds=1.0, augment="clip", t2i=0.1):
     ev = {"zeroshot_shape": shape, "zeroshot_colour": colour}
     if colour is None:  # the no-colour task evaluates zero-shot shape only
         del ev["zeroshot_colour"]
-    ev.update(t2i_r1=0.1, i2t_r1=0.2, probe_shape=0.3)
+    ev.update(t2i_r1=t2i, i2t_r1=0.2, probe_shape=0.3)
     return {
         "method": method,
         "augment": augment,
@@ -180,24 +180,34 @@ def _no_colour_summary(runs):
     }
 
 
-def test_no_colour_report_uses_shape_only(tmp_path):
+def test_no_colour_report_reads_claims_on_shape_and_retrieval(tmp_path):
     runs = []
     for aug, shift in (("clip", 0.0), ("aclip", 0.2)):
         for seed, (clip, aclip) in enumerate([(0.30, 0.40), (0.20, 0.35), (0.25, 0.30)]):
             runs.append(_run("clip", seed, "samples", clip, None, augment=aug))
-            runs.append(_run("aclip", seed, "samples", aclip + shift, None, augment=aug))
+            # A-CLIP's text-to-image R@1 is lower by 0.02, 0.04, 0.06: retrieval -1, -2, -3 points
+            t2i = 0.1 - 0.02 * (seed + 1)
+            runs.append(_run("aclip", seed, "samples", aclip + shift, None, augment=aug, t2i=t2i))
     summary = _no_colour_summary(runs)
     d = paired(summary, "samples", "aclip", "clip", augment="clip")
     assert d["diff"] == pytest.approx(0.1) and d["n"] == 3  # shape alone: 0.10, 0.15, 0.05
     assert paired(summary, "samples", "aclip", "clip", augment="aclip")["diff"] == pytest.approx(
         0.3
     )
+    d = paired(summary, "samples", "aclip", "clip", augment="clip", metric=retrieval)
+    assert d["diff"] == pytest.approx(-0.02) and d["se"] == pytest.approx(0.01 / 3**0.5)
     write_report(summary, tmp_path / "r.md", tmp_path / "p.png")
     report = (tmp_path / "r.md").read_text()
     head = report.split("## Earlier confounded")[0]
-    assert "zero-shot colour" not in head and "difference in zero-shot shape top-1" in head
-    assert "| A-CLIP > CLIP | equal samples | clip | +10.0 ± 2.9 (n=3) | holds |" in report
-    assert "| A-CLIP > CLIP | equal samples | aclip | +30.0 ± 2.9 (n=3) | holds |" in report
+    assert "zero-shot colour" not in head
+    assert "| claim | budget | augmentation | metric | difference (points, mean ± SE" in head
+    shape, r1 = "zero-shot shape top-1", "retrieval R@1, mean of T→I and I→T"
+    assert f"| A-CLIP > CLIP | equal samples | clip | {shape} | +10.0 ± 2.9 (n=3) | holds |" in head
+    assert (
+        f"| A-CLIP > CLIP | equal samples | aclip | {shape} | +30.0 ± 2.9 (n=3) | holds |" in head
+    )
+    want = f"| A-CLIP > CLIP | equal samples | clip | {r1} | -2.0 ± 0.6 (n=3) | does not hold"
+    assert want in head
     table = [x for x in head.splitlines() if x.startswith("| equal samples | aclip | clip |")]
     assert table == ["| equal samples | aclip | clip | online | 1.00 M | 256 | 1 ± 0 | 25.0 ± 5.0 |"
                      " 10.0 ± 0.0 | 20.0 ± 0.0 | 30.0 ± 0.0 |"]  # fmt: skip
@@ -225,3 +235,18 @@ def test_plot_is_named_after_the_report(argv, plot, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     args = load_script("compare_methods").parse_args(argv)
     assert args.plot == Path(plot)
+
+
+def test_no_colour_task_defaults_to_16x_the_samples(monkeypatch):
+    """At the colour task's budget the colour-free captions teach nothing an evaluation can see;
+    the default grows for that task alone and never leaks into the next parse (one process)."""
+    from script_loader import load_script
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # see test_plot_is_named_after_the_report
+    script = load_script("compare_methods")
+    assert script.parse_args(["--task", "no-colour"]).setup.samples == 204_800
+    assert script.parse_args([]).setup.samples == 12_800
+    assert script.parse_args(["--task", "no-colour", "--samples", "256"]).setup.samples == 256
+    assert script.parse_args(["--task", "no-colour", "--quick"]).setup.samples == 256
+    assert script.parse_args(["--seeds", "5"]).setup.seeds == [5]
+    assert script.parse_args([]).setup.seeds == [0, 1, 2]
