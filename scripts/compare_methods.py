@@ -11,7 +11,7 @@ augmentation (each method's own), took 42-55 min on 2 CPU cores; every augmentat
 the colour task (2 pipelines) takes ~1.5-2 h. The no-colour task (3 pipelines) trains on 16x the
 samples by default, since its colour-free captions teach nothing visible at the colour task's
 budget: ~13 h on 2 cores, a GPU's work (its published report is the CLIP and A-CLIP subset under
-`aclip`, 64 min). Run them one after the other on a quiet machine:
+`aclip` at both budgets, 88 min). Run them one after the other on a quiet machine:
 
     .venv/bin/python scripts/compare_methods.py                 # colour task, clip,slip
     .venv/bin/python scripts/compare_methods.py --task no-colour --augment clip,slip,aclip
